@@ -1,0 +1,51 @@
+# qubes-gpu-share: every target bootstraps what it needs from nothing.
+#   make test    the whole test suite (what CI runs)
+#   make quick   the suite without tests marked slow
+# Other targets are described in README.md.
+
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SRC    := qubes-gpu-share
+
+# Qubes' own libraries: the system's where it has them (dom0), else the
+# reference copies beside the project (tests only; never packaged).
+VENDOR   := $(abspath ../shared/vendor)
+QUBES_PY := $(shell $(PYTHON) -c 'import os,qubesadmin;print(os.path.dirname(os.path.dirname(qubesadmin.__file__)))' 2>/dev/null || { test -d $(VENDOR) && echo $(VENDOR); })
+export QUBES_GPU_SHARE_QUBES_PATH := $(QUBES_PY)
+
+PY_INCLUDE := $(shell $(PYTHON) -c 'import sysconfig;print(sysconfig.get_paths()["include"])')
+
+.PHONY: all test quick system-deps venv clean
+all: test
+
+# Debian packages the build needs (installed only when missing).
+system-deps:
+	@scripts/ensure-system-deps \
+	    gcc:/usr/bin/gcc \
+	    linux-libc-dev:/usr/include/xen/gntdev.h \
+	    python3-dev:$(PY_INCLUDE)/Python.h \
+	    python3-venv:$(shell $(PYTHON) -c 'import ensurepip,os;print(os.path.dirname(ensurepip.__file__))' 2>/dev/null || echo /nonexistent-ensurepip)
+
+$(STAMP): $(SRC)/pyproject.toml $(wildcard $(SRC)/setup.py) $(wildcard $(SRC)/qubes_gpu_share/grant/_gntdev_build.py)
+	@$(MAKE) --no-print-directory system-deps
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade 'pip>=23' 'setuptools>=64' wheel
+	$(VPY) -m pip install -q -e '$(SRC)[test]'
+	touch $@
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest
+
+quick: $(STAMP)
+	$(VPY) -m pytest -m 'not slow'
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .hypothesis
+	find . -name __pycache__ -prune -exec rm -rf {} +
+	find $(SRC) -name '*.so' -delete
+
+-include lab/lab.mk

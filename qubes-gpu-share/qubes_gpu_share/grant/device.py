@@ -1,0 +1,191 @@
+"""The grant device seam: what an agent does with Xen grants.
+
+One interface, two implementations: :mod:`.gntdev` (cffi over
+``<xen/gntdev.h>`` and ``<xen/gntalloc.h>``, the product) and :mod:`.sim`
+(a cross-process grant-table simulator that enforces the same rules, for
+tests and the demo). Callers use only the names below.
+
+Provider side (the qube that owns pages):
+
+* :meth:`GrantDevice.grant_dmabuf` -- IMP_TO_REFS: a local dma-buf of exactly
+  ``pages`` pages is granted to one foreign domain; ended by
+  :meth:`Grant.revoke` (IMP_RELEASE);
+* :meth:`GrantDevice.grant_new_pages` -- gntalloc ALLOC_GREF: fresh pages
+  granted to one domain, for providers without a dma-buf source; ended by
+  :meth:`Grant.revoke` (DEALLOC_GREF + unmap).
+
+Consumer side (the qube that receives refs):
+
+* :meth:`GrantDevice.map_grant` -- MAP_GRANT_REF + mmap, ``cpu`` mode, works in
+  every guest type;
+* :meth:`GrantDevice.import_dmabuf` -- EXP_FROM_REFS, ``dmabuf`` mode, only
+  where the kernel can (see XEN-LAB.md: not on stock x86); released with
+  :meth:`ImportedDmabuf.release`, which closes and then waits
+  (EXP_WAIT_RELEASED is keyed by the fd number at export time).
+
+Release order (DESIGN.md, "hard facts"): IMP_RELEASE cannot revoke a grant
+the peer still maps, yet drops the dma-buf at once. So the consumer lets go
+first and confirms; only then does the provider revoke. The simulator counts
+every violation as a hazard.
+
+Every object owns its file descriptors and closes them on ``close()``/
+``revoke()`` and on context-manager exit; no fd leaks on an error path.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import mmap
+from collections.abc import Sequence
+from types import TracebackType
+
+from ..formats import MAX_LEASE_PAGES, PAGE_SIZE
+from .errors import TooManyPages
+
+
+class ReceiveMode(str, enum.Enum):
+    """How a consumer receives a leased buffer."""
+
+    #: MAP_GRANT_REF + mmap: the application gets an fd it can mmap.
+    CPU = "cpu"
+    #: EXP_FROM_REFS: the application gets a dma-buf for GPU import (PRIME);
+    #: it has no mmap.
+    DMABUF = "dmabuf"
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuView:
+    """Where a process maps a buffer: ``mmap(fd, length, offset=offset)``.
+
+    The fd belongs to the object that handed out the view; pass it on (e.g.
+    with SCM_RIGHTS) or dup it, never close it directly.
+    """
+
+    fd: int
+    offset: int
+    length: int
+
+    def mmap(self, writable: bool = True) -> mmap.mmap:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return mmap.mmap(self.fd, self.length, mmap.MAP_SHARED, prot,
+                         offset=self.offset)
+
+
+def check_page_count(pages: int) -> int:
+    """Refuse counts the kernel cannot take, before calling it."""
+    if isinstance(pages, bool) or not isinstance(pages, int):
+        raise TooManyPages(f"page count must be an integer, got {pages!r}")
+    if not 1 <= pages <= MAX_LEASE_PAGES:
+        raise TooManyPages(
+            f"{pages} pages: a grant holds 1 to {MAX_LEASE_PAGES} pages "
+            f"(the kernel keeps the count in 16 bits); split the buffer")
+    return pages
+
+
+class _Owned(abc.ABC):
+    """Context-manager plumbing shared by every object that owns fds."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Give up everything this object holds; idempotent."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None,
+                 exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class Grant(_Owned):
+    """Pages of this domain granted to one foreign domain (provider side)."""
+
+    #: the grantee's domain id
+    domid: int
+    #: one grant reference per page, in page order
+    refs: tuple[int, ...]
+
+    @property
+    def pages(self) -> int:
+        return len(self.refs)
+
+    @abc.abstractmethod
+    def revoke(self) -> None:
+        """End the grant (IMP_RELEASE, or DEALLOC_GREF for gntalloc pages).
+
+        Call only after the consumer confirmed it unmapped. Raises
+        AlreadyReleased when called twice on the real device's terms
+        (``close`` is the idempotent variant).
+        """
+
+    def close(self) -> None:
+        if not getattr(self, "_revoked", False):
+            self.revoke()
+
+
+class AllocatedGrant(Grant):
+    """Fresh pages allocated by gntalloc and granted to one domain; the
+    provider draws into them through :meth:`view`."""
+
+    @abc.abstractmethod
+    def view(self) -> CpuView:
+        """The granted pages, for the provider (or a local application)."""
+
+
+class Mapping(_Owned):
+    """A foreign domain's refs mapped into this domain (``cpu`` mode)."""
+
+    domid: int
+    refs: tuple[int, ...]
+
+    @abc.abstractmethod
+    def view(self) -> CpuView:
+        """The mapped pages: an fd the application can mmap."""
+
+    def mmap(self, writable: bool = True) -> mmap.mmap:
+        return self.view().mmap(writable)
+
+    @property
+    def length(self) -> int:
+        return len(self.refs) * PAGE_SIZE
+
+
+class ImportedDmabuf(_Owned):
+    """A local dma-buf made from a foreign domain's refs (``dmabuf`` mode)."""
+
+    domid: int
+    refs: tuple[int, ...]
+    #: the dma-buf fd (no mmap: it is for import into a GPU driver)
+    fd: int
+
+    @abc.abstractmethod
+    def release(self, timeout_ms: int) -> None:
+        """Close our fd, then wait until every other user (dups handed to
+        applications) has let go. Raises ReleaseTimeout if one still holds it
+        after ``timeout_ms``; calling again later continues the wait."""
+
+
+class GrantDevice(_Owned):
+    """One process's handle on the grant device of its domain."""
+
+    @abc.abstractmethod
+    def grant_dmabuf(self, dmabuf_fd: int, pages: int,
+                     to_domid: int) -> Grant:
+        """IMP_TO_REFS: grant a local dma-buf of exactly ``pages`` pages."""
+
+    @abc.abstractmethod
+    def grant_new_pages(self, pages: int, to_domid: int) -> AllocatedGrant:
+        """gntalloc: allocate ``pages`` zeroed pages granted to ``to_domid``."""
+
+    @abc.abstractmethod
+    def map_grant(self, from_domid: int, refs: Sequence[int],
+                  writable: bool = True) -> Mapping:
+        """MAP_GRANT_REF + mmap of refs granted to us by ``from_domid``."""
+
+    @abc.abstractmethod
+    def import_dmabuf(self, from_domid: int,
+                      refs: Sequence[int]) -> ImportedDmabuf:
+        """EXP_FROM_REFS: a local dma-buf of refs granted by ``from_domid``."""
