@@ -28,7 +28,7 @@ system-deps:
 	    python3-dev:$(PY_INCLUDE)/Python.h \
 	    python3-venv:$(shell $(PYTHON) -c 'import ensurepip,os;print(os.path.dirname(ensurepip.__file__))' 2>/dev/null || echo /nonexistent-ensurepip)
 
-$(STAMP): $(SRC)/pyproject.toml $(wildcard $(SRC)/setup.py) $(wildcard $(SRC)/qubes_gpu_share/grant/_gntdev_build.py)
+$(STAMP): $(SRC)/pyproject.toml $(wildcard $(SRC)/setup.py) $(wildcard $(SRC)/qubes_gpu_share/_native_build.py)
 	@$(MAKE) --no-print-directory system-deps
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade 'pip>=23' 'setuptools>=64' wheel
