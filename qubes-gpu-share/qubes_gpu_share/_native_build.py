@@ -1,0 +1,138 @@
+"""cffi builder of :mod:`qubes_gpu_share._native` (API mode).
+
+Every struct layout and ioctl number comes from the system's UAPI headers at
+build time: the cdef below lists only the fields Python touches, ends every
+struct with ``...;`` and declares every constant as ``#define NAME ...``, so
+the C compiler fills in sizes, offsets and values. Nothing is retyped here;
+tests/test_native_abi.py checks that against a plain C program.
+
+Headers (Debian package / Fedora package):
+
+* ``<xen/gntdev.h>``, ``<xen/gntalloc.h>``, ``<linux/udmabuf.h>``,
+  ``<linux/dma-heap.h>``: linux-libc-dev / kernel-headers;
+* ``drm.h``, ``drm_mode.h``: /usr/include/drm (Fedora kernel-headers) or
+  /usr/include/libdrm (libdrm-dev; Debian's linux-libc-dev lacks them).
+
+Run by setuptools through ``cffi_modules`` (setup.py), or by hand:
+``python qubes_gpu_share/_native_build.py`` builds in the current directory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import cffi
+
+#: Where the DRM UAPI headers live, in order of preference.
+DRM_INCLUDE_DIRS = ("/usr/include/drm", "/usr/include/libdrm")
+
+# <xen/gntdev.h> in userspace uses grant_ref_t and domid_t without defining
+# them (the kernel and libxengnttab define them): supply them as libxengnttab
+# users do, and the ioctl() prototype it assumes.
+PREAMBLE = """
+#include <stdint.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/ioctl.h>
+typedef uint32_t grant_ref_t;
+typedef uint16_t domid_t;
+#include <xen/gntdev.h>
+#include <xen/gntalloc.h>
+#include <linux/udmabuf.h>
+#include <linux/dma-heap.h>
+#include <drm.h>
+#include <drm_mode.h>
+
+/* ioctl() is variadic; a fixed prototype lets cffi call it directly. */
+static int qgs_ioctl(int fd, unsigned long request, void *arg)
+{
+    return ioctl(fd, request, arg);
+}
+"""
+
+CDEF = """
+/* <xen/gntdev.h> */
+struct ioctl_gntdev_grant_ref { uint32_t domid; uint32_t ref; ...; };
+struct ioctl_gntdev_map_grant_ref {
+    uint32_t count; uint64_t index;
+    struct ioctl_gntdev_grant_ref refs[1]; ...; };
+struct ioctl_gntdev_unmap_grant_ref { uint64_t index; uint32_t count; ...; };
+struct ioctl_gntdev_dmabuf_exp_from_refs {
+    uint32_t flags; uint32_t count; uint32_t fd; uint32_t domid;
+    uint32_t refs[1]; ...; };
+struct ioctl_gntdev_dmabuf_exp_wait_released {
+    uint32_t fd; uint32_t wait_to_ms; ...; };
+struct ioctl_gntdev_dmabuf_imp_to_refs {
+    uint32_t fd; uint32_t count; uint32_t domid; uint32_t reserved;
+    uint32_t refs[1]; ...; };
+struct ioctl_gntdev_dmabuf_imp_release { uint32_t fd; uint32_t reserved; ...; };
+#define IOCTL_GNTDEV_MAP_GRANT_REF ...
+#define IOCTL_GNTDEV_UNMAP_GRANT_REF ...
+#define IOCTL_GNTDEV_DMABUF_EXP_FROM_REFS ...
+#define IOCTL_GNTDEV_DMABUF_EXP_WAIT_RELEASED ...
+#define IOCTL_GNTDEV_DMABUF_IMP_TO_REFS ...
+#define IOCTL_GNTDEV_DMABUF_IMP_RELEASE ...
+
+/* <xen/gntalloc.h> */
+struct ioctl_gntalloc_alloc_gref {
+    uint16_t domid; uint16_t flags; uint32_t count; uint64_t index;
+    uint32_t gref_ids[1]; ...; };
+struct ioctl_gntalloc_dealloc_gref { uint64_t index; uint32_t count; ...; };
+struct ioctl_gntalloc_unmap_notify {
+    uint64_t index; uint32_t action; uint32_t event_channel_port; ...; };
+#define IOCTL_GNTALLOC_ALLOC_GREF ...
+#define IOCTL_GNTALLOC_DEALLOC_GREF ...
+#define IOCTL_GNTALLOC_SET_UNMAP_NOTIFY ...
+#define GNTALLOC_FLAG_WRITABLE ...
+#define UNMAP_NOTIFY_CLEAR_BYTE ...
+#define UNMAP_NOTIFY_SEND_EVENT ...
+
+/* <linux/udmabuf.h>, <linux/dma-heap.h> */
+struct udmabuf_create {
+    uint32_t memfd; uint32_t flags; uint64_t offset; uint64_t size; ...; };
+#define UDMABUF_CREATE ...
+#define UDMABUF_FLAGS_CLOEXEC ...
+struct dma_heap_allocation_data {
+    uint64_t len; uint32_t fd; uint32_t fd_flags; uint64_t heap_flags; ...; };
+#define DMA_HEAP_IOCTL_ALLOC ...
+
+/* <drm.h>, <drm_mode.h>: dumb buffers and PRIME export */
+struct drm_mode_create_dumb {
+    uint32_t height; uint32_t width; uint32_t bpp; uint32_t flags;
+    uint32_t handle; uint32_t pitch; uint64_t size; ...; };
+struct drm_mode_destroy_dumb { uint32_t handle; ...; };
+struct drm_prime_handle { uint32_t handle; uint32_t flags; int32_t fd; ...; };
+struct drm_gem_close { uint32_t handle; ...; };
+#define DRM_IOCTL_MODE_CREATE_DUMB ...
+#define DRM_IOCTL_MODE_DESTROY_DUMB ...
+#define DRM_IOCTL_PRIME_HANDLE_TO_FD ...
+#define DRM_IOCTL_GEM_CLOSE ...
+#define DRM_CLOEXEC ...
+#define DRM_RDWR ...
+
+int qgs_ioctl(int fd, unsigned long request, void *arg);
+"""
+
+def drm_include_dirs() -> list[str]:
+    """The first folder holding the DRM UAPI headers; fail with the fix."""
+    for folder in DRM_INCLUDE_DIRS:
+        if os.path.exists(os.path.join(folder, "drm_mode.h")):
+            return [folder]
+    raise RuntimeError(
+        "DRM UAPI headers (drm.h, drm_mode.h) not found in "
+        + " or ".join(DRM_INCLUDE_DIRS)
+        + ": install libdrm-dev (Debian) or kernel-headers (Fedora)")
+
+
+def make_ffibuilder() -> cffi.FFI:
+    builder = cffi.FFI()
+    builder.cdef(CDEF)
+    builder.set_source("qubes_gpu_share._native", PREAMBLE,
+                       include_dirs=drm_include_dirs())
+    return builder
+
+
+ffibuilder = make_ffibuilder()
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)
