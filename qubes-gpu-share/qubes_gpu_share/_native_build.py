@@ -65,7 +65,8 @@ struct ioctl_gntdev_dmabuf_exp_wait_released {
 struct ioctl_gntdev_dmabuf_imp_to_refs {
     uint32_t fd; uint32_t count; uint32_t domid; uint32_t reserved;
     uint32_t refs[1]; ...; };
-struct ioctl_gntdev_dmabuf_imp_release { uint32_t fd; uint32_t reserved; ...; };
+struct ioctl_gntdev_dmabuf_imp_release {
+    uint32_t fd; uint32_t reserved; ...; };
 #define IOCTL_GNTDEV_MAP_GRANT_REF ...
 #define IOCTL_GNTDEV_UNMAP_GRANT_REF ...
 #define IOCTL_GNTDEV_DMABUF_EXP_FROM_REFS ...
