@@ -97,7 +97,7 @@ QUERIES: dict[str, str] = {
         f"WHERE provider = ? AND state IN {_in(_LIVE)}",
     "live_of_qube":
         f"SELECT * FROM leases WHERE consumer = ? AND state IN {_in(_LIVE)} "
-        "UNION "
+        "UNION ALL "  # a lease never has the same qube on both sides
         f"SELECT * FROM leases WHERE provider = ? AND state IN {_in(_LIVE)}",
     "past_deadline":
         f"SELECT * FROM leases WHERE state IN {_in(_EXPIRABLE)} "
@@ -208,8 +208,13 @@ def _lease_from_row(row: sqlite3.Row) -> Lease:
 
 
 def migrate(conn: sqlite3.Connection,
-            migrations: Sequence[str] = MIGRATIONS) -> None:
-    """Bring the schema to the newest version, one transaction per step."""
+            migrations: Sequence[str] | None = None) -> None:
+    """Bring the schema to the newest version, one transaction per step.
+
+    A step that fails is rolled back with its version bump, so the database
+    stays at the last version that was completely applied.
+    """
+    migrations = MIGRATIONS if migrations is None else migrations
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > len(migrations):
         raise RegistryError(f"lease database has schema version {version}, "
