@@ -42,10 +42,16 @@ NO_DMABUF = ("{name}: the kernel was built without CONFIG_XEN_GNTDEV_DMABUF "
 
 # --- opening devices -------------------------------------------------------
 
-def open_device(path: str, module: str) -> int:
-    """Open a Xen device node read-write; NoGrantDevice when it is absent."""
+def open_device(path: str, module: str, writable: bool = True) -> int:
+    """Open a Xen device node; NoGrantDevice when it is absent.
+
+    A gntdev fd opened read-only still maps grants, but the VFS refuses a
+    writable shared mmap of it: that is how a read-only mapping is enforced
+    on whoever is handed the fd.
+    """
+    mode = os.O_RDWR if writable else os.O_RDONLY
     try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return os.open(path, mode | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise NoGrantDevice(
             f"{path} is missing: not running in a Xen domain, or the "
@@ -62,8 +68,8 @@ def open_device(path: str, module: str) -> int:
         raise
 
 
-def open_gntdev() -> int:
-    return open_device(GNTDEV_PATH, "xen-gntdev")
+def open_gntdev(writable: bool = True) -> int:
+    return open_device(GNTDEV_PATH, "xen-gntdev", writable)
 
 
 def open_gntalloc() -> int:

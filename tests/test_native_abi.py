@@ -1,0 +1,136 @@
+"""The compiled module agrees with the C compiler about the kernel ABI.
+
+A small C program, generated from what the cffi module declares, is compiled
+against the same headers and prints sizeof/offsetof of every struct and field
+and the value of every constant; the test compares each with what
+``qubes_gpu_share._native`` reports. A few x86-64 ioctl numbers are also
+checked against their documented values, so a broken header set cannot agree
+with itself unnoticed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from qubes_gpu_share import _native_build
+from qubes_gpu_share._native import ffi, lib
+
+#: the ioctl numbers and flags native.py uses; each must be compiled in
+NEEDED = {
+    "IOCTL_GNTDEV_MAP_GRANT_REF", "IOCTL_GNTDEV_UNMAP_GRANT_REF",
+    "IOCTL_GNTDEV_DMABUF_EXP_FROM_REFS",
+    "IOCTL_GNTDEV_DMABUF_EXP_WAIT_RELEASED",
+    "IOCTL_GNTDEV_DMABUF_IMP_TO_REFS", "IOCTL_GNTDEV_DMABUF_IMP_RELEASE",
+    "IOCTL_GNTALLOC_ALLOC_GREF", "IOCTL_GNTALLOC_DEALLOC_GREF",
+    "IOCTL_GNTALLOC_SET_UNMAP_NOTIFY", "UDMABUF_CREATE",
+    "DMA_HEAP_IOCTL_ALLOC", "DRM_IOCTL_MODE_CREATE_DUMB",
+    "DRM_IOCTL_MODE_DESTROY_DUMB", "DRM_IOCTL_PRIME_HANDLE_TO_FD",
+    "DRM_IOCTL_GEM_CLOSE",
+}
+
+
+def constants() -> list[str]:
+    return sorted(name for name in dir(lib)
+                  if name.isupper() and isinstance(getattr(lib, name), int))
+
+
+def structs() -> list[str]:
+    return sorted(ffi.list_types()[1])
+
+
+def c_program() -> str:
+    lines = [_native_build.PREAMBLE, "#include <stdio.h>",
+             "#include <stddef.h>", "int main(void) {"]
+    for name in structs():
+        lines.append(f'printf("sizeof {name} %zu\\n", '
+                     f"sizeof(struct {name}));")
+        for field, _ in ffi.typeof(f"struct {name}").fields:
+            lines.append(f'printf("offsetof {name}.{field} %zu\\n", '
+                         f"offsetof(struct {name}, {field}));")
+    for name in constants():
+        lines.append(f'printf("value {name} %llu\\n", '
+                     f"(unsigned long long)({name}));")
+    lines += ["return 0;", "}"]
+    return "\n".join(lines)
+
+
+def cffi_answers() -> dict[str, int]:
+    answers = {}
+    for name in structs():
+        answers[f"sizeof {name}"] = ffi.sizeof(f"struct {name}")
+        for field, _ in ffi.typeof(f"struct {name}").fields:
+            answers[f"offsetof {name}.{field}"] = ffi.offsetof(
+                f"struct {name}", field)
+    for name in constants():
+        answers[f"value {name}"] = getattr(lib, name) & (2**64 - 1)
+    return answers
+
+
+@pytest.fixture(scope="module")
+def c_answers(tmp_path_factory) -> dict[str, int]:
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        pytest.skip("no C compiler (the module itself needs one to build)")
+    folder = tmp_path_factory.mktemp("abi")
+    source, program = folder / "abi_check.c", folder / "abi_check"
+    source.write_text(c_program())
+    include = [f"-I{d}" for d in _native_build.drm_include_dirs()]
+    subprocess.run([gcc, "-Wall", "-Wno-unused-function", *include,
+                    "-o", str(program), str(source)], check=True)
+    out = subprocess.run([str(program)], check=True, capture_output=True,
+                         text=True).stdout
+    return {key: int(value) for key, value in
+            (line.rsplit(" ", 1) for line in out.splitlines())}
+
+
+def test_every_needed_ioctl_is_compiled_in():
+    assert NEEDED <= set(constants())
+
+
+def test_c_program_covers_every_struct_and_constant(c_answers):
+    assert set(c_answers) == set(cffi_answers())
+    assert len(structs()) >= 16
+
+
+def test_layouts_and_ioctl_numbers_match_the_c_compiler(c_answers):
+    mismatched = {key: (value, c_answers[key])
+                  for key, value in cffi_answers().items()
+                  if c_answers[key] != value}
+    assert mismatched == {}
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64",
+                    reason="documented values are those of x86-64")
+def test_known_x86_64_values():
+    assert lib.IOCTL_GNTDEV_MAP_GRANT_REF == 0x184700
+    assert lib.IOCTL_GNTDEV_DMABUF_IMP_TO_REFS == 0x14470B
+    assert lib.IOCTL_GNTALLOC_ALLOC_GREF == 0x184705
+    assert lib.UDMABUF_CREATE == 0x40187542
+    assert lib.DMA_HEAP_IOCTL_ALLOC == 0xC0184800
+    assert lib.DRM_IOCTL_MODE_CREATE_DUMB == 0xC02064B2
+    assert lib.DRM_IOCTL_PRIME_HANDLE_TO_FD == 0xC00C642D
+    assert ffi.offsetof("struct ioctl_gntdev_dmabuf_imp_to_refs",
+                        "refs") == 16
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="pyproject.toml has readme='../README.md', outside "
+                   "the project: setuptools refuses it when building a wheel")
+def test_wheel_contains_the_compiled_module(tmp_path):
+    """What rpm/deb builds do: a plain ``pip wheel`` compiles the module."""
+    project = os.path.dirname(os.path.dirname(_native_build.__file__))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+         "--no-build-isolation", "-w", str(tmp_path), project],
+        check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("qubes_gpu_share-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("qubes_gpu_share/_native.") and n.endswith(".so")
+               for n in names), names
