@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 
 import pytest
@@ -268,3 +269,47 @@ def test_queries_answer_right_at_10000_leases(big_registry):
     assert big_registry.provider_pages("sys-gpu3") == 2000
     assert len(big_registry.in_flight()) == 1100
     assert len(big_registry.leases(state=S.REVOKING)) == 100
+
+
+# -- group commit ---------------------------------------------------------
+
+def _cycle_steps(item):
+    """A whole pull cycle as the broker would make it durable: 4 commits."""
+    return [[Create(item), Transition(item.id, S.EXPORTING, "ask provider")],
+            [Transition(item.id, S.ACTIVE, "granted", (8, 9))],
+            [Transition(item.id, S.RELEASING, "consumer let go")],
+            [Transition(item.id, S.RELEASED, "provider released")]]
+
+
+def test_group_commit_shares_commits_between_concurrent_requests(reg):
+    group = registry.GroupCommit(reg)
+    items = [sample_lease(consumer=f"app{i}") for i in range(8)]
+
+    async def request(item):
+        for step in _cycle_steps(item):
+            results = await group.apply(step)
+            assert results[-1].state == step[-1].state
+            assert reg.get(item.id).state == step[-1].state  # committed
+
+    async def main():
+        await asyncio.gather(*(request(item) for item in items))
+
+    asyncio.run(main())
+    assert group.commits == 4        # 8 cycles, 2 per commit
+    assert {reg.get(i.id).state for i in items} == {S.RELEASED}
+
+
+def test_group_commit_isolates_a_bad_request(reg):
+    group = registry.GroupCommit(reg)
+    good, bad = sample_lease(), sample_lease()
+
+    async def main():
+        return await asyncio.gather(
+            group.apply([Create(good)]),
+            group.apply([Create(bad), Transition(bad.id, S.ACTIVE, "skip")]),
+            return_exceptions=True)
+
+    ok, refused = asyncio.run(main())
+    assert ok[0].state == S.REQUESTED
+    assert isinstance(refused, lease.IllegalTransition)
+    assert [item.id for item in reg.leases()] == [good.id]

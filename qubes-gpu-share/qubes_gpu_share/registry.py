@@ -20,6 +20,7 @@ See docs/registry.md for the schema and the reasons behind it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import sqlite3
@@ -390,6 +391,61 @@ class Registry:
         """EXPLAIN QUERY PLAN of ``sql`` (for tests and diagnosis)."""
         return [row["detail"] for row in
                 self._conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+
+
+class GroupCommit:
+    """Combine the changes of concurrent requests into one commit.
+
+    Each broker request awaits :meth:`apply` with the changes it needs
+    durable before it may go on (e.g. ``exporting`` before calling the
+    provider). Requests that arrive in the same event-loop turn share one
+    transaction and so one fsync; each gets its own results only after that
+    commit returned. One request's illegal change must not fail the others:
+    if the combined batch is refused, each request's changes are applied
+    again on their own, so every request still gets all or nothing.
+    """
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        self._pending: list[tuple[Sequence[Change], asyncio.Future]] = []
+        self.commits = 0
+
+    async def apply(self, changes: Sequence[Change]) -> list[Lease]:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((changes, future))
+        if len(self._pending) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        try:
+            results = self._commit([c for changes, _ in pending
+                                    for c in changes])
+        except Exception:  # pylint: disable=broad-except
+            for changes, future in pending:
+                self._settle(future, changes)
+            return
+        for changes, future in pending:
+            if not future.cancelled():  # committed all the same
+                future.set_result(results[:len(changes)])
+            del results[:len(changes)]
+
+    def _settle(self, future: asyncio.Future,
+                changes: Sequence[Change]) -> None:
+        try:
+            results = self._commit(changes)
+        except Exception as exc:  # pylint: disable=broad-except
+            if not future.cancelled():
+                future.set_exception(exc)
+        else:
+            if not future.cancelled():
+                future.set_result(results)
+
+    def _commit(self, changes: Sequence[Change]) -> list[Lease]:
+        results = self._registry.apply(changes)
+        self.commits += 1
+        return results
 
 
 def leases_query(*, consumer: str | None, provider: str | None,
