@@ -1,0 +1,198 @@
+"""Making a qrexec call: the interface, the real qube->dom0 call, statuses.
+
+A caller names a target, ``SERVICE+ARG``, and gets the exit status and the
+(bounded) output. qrexec's own failures arrive as exit statuses, the same
+from ``qrexec-client-vm`` and from the simulated router (:mod:`.router`):
+126 policy denied, 125 qrexec trouble, 127 no such service; socket services
+always exit 0 and put their own status in the output (:mod:`.reply`).
+
+:class:`ServiceCaller` is what the broker needs for dom0 -> qube calls; the
+real one lives in qubes/admin.py (qubesadmin's ``vm.run_service``), the
+simulated one is the router's. Qubes need :class:`DuplexCaller` as well:
+the offer flow is a conversation of several turns on one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+from typing import Awaitable, Callable, Optional, Protocol, Tuple
+
+from . import reply, stream
+
+QREXEC_CLIENT_VM = "/usr/bin/qrexec-client-vm"
+EXIT_PROBLEM = 125
+EXIT_REFUSED = 126
+EXIT_NOT_FOUND = 127
+
+
+class QrexecCallError(Exception):
+    """A qrexec call did not reach a service that answered properly."""
+
+
+class PolicyDenied(QrexecCallError):
+    """qrexec policy refused the call (exit status 126)."""
+
+
+class QrexecProblem(QrexecCallError):
+    """qrexec itself failed (exit status 125, or an unexpected one)."""
+
+
+class ServiceNotFound(QrexecCallError):
+    """The target has no such service (exit status 127)."""
+
+
+class OutputTooLong(QrexecCallError):
+    """The service sent more than the caller's bound."""
+
+
+def raise_for_status(status: int, target: str, service_with_arg: str) -> None:
+    """Map a non-zero qrexec exit status to its exception."""
+    if status == 0:
+        return
+    where = f"{service_with_arg} to {target}"
+    if status == EXIT_REFUSED:
+        raise PolicyDenied(f"{where}: refused by qrexec policy")
+    if status == EXIT_NOT_FOUND:
+        raise ServiceNotFound(f"{where}: no such service")
+    raise QrexecProblem(f"{where}: qrexec failed with status {status}")
+
+
+class ServiceCaller(Protocol):
+    """One-shot call: the whole payload in, at most *max_output* bytes out."""
+
+    async def call_service(self, target: str, service_with_arg: str,
+                           payload: bytes, max_output: int) -> Tuple[int, bytes]:
+        ...
+
+
+class Conversation:
+    """One open qrexec call whose two directions are used turn by turn."""
+
+    def __init__(self, target: str, service_with_arg: str,
+                 reader: asyncio.StreamReader,
+                 writer: Optional[asyncio.StreamWriter],
+                 wait_status: Callable[[], Awaitable[int]]):
+        self.target = target
+        self.service_with_arg = service_with_arg
+        self._reader = reader
+        self._writer = writer
+        self._wait_status = wait_status
+
+    async def send(self, data: bytes) -> None:
+        """Write to the service (dropped when the call never got through,
+        like writes to a qrexec-client-vm that already exited)."""
+        if self._writer is None or self._writer.is_closing():
+            return
+        self._writer.write(data)
+        with contextlib.suppress(ConnectionError):
+            await self._writer.drain()
+
+    async def end_input(self) -> None:
+        """Shut down the write side: the service sees EOF."""
+        if self._writer is None or self._writer.is_closing():
+            return
+        if self._writer.can_write_eof():
+            self._writer.write_eof()
+        else:
+            self._writer.close()
+
+    async def read_message(self, max_len: int, terminator: bytes = b"\n") -> bytes:
+        """One message of the answer; qrexec's failure when there is none."""
+        try:
+            return await stream.read_message(self._reader, max_len, terminator)
+        except stream.StreamClosed:
+            await self._fail_on_status()
+            raise
+
+    async def read_to_eof(self, max_len: int) -> bytes:
+        """The rest of the answer, bounded."""
+        try:
+            return await stream.read_to_eof(self._reader, max_len)
+        except stream.StreamError as exc:
+            raise OutputTooLong(f"{self.service_with_arg}: {exc}") from None
+
+    async def wait(self) -> int:
+        """Close the call and return its exit status."""
+        if self._writer is not None:
+            self._writer.close()
+        return await self._wait_status()
+
+    async def _fail_on_status(self) -> None:
+        raise_for_status(await self.wait(), self.target, self.service_with_arg)
+
+    async def __aenter__(self) -> "Conversation":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.wait()
+
+
+class DuplexCaller(ServiceCaller, Protocol):
+    """A caller that can also hold a conversation."""
+
+    async def open_service(self, target: str,
+                           service_with_arg: str) -> Conversation:
+        ...
+
+
+class ConversationCaller:
+    """:meth:`call_service` on top of :meth:`open_service`, for both
+    implementations below and in :mod:`.router`."""
+
+    async def open_service(self, target: str,
+                           service_with_arg: str) -> Conversation:
+        raise NotImplementedError
+
+    async def call_service(self, target: str, service_with_arg: str,
+                           payload: bytes, max_output: int) -> Tuple[int, bytes]:
+        conversation = await self.open_service(target, service_with_arg)
+        async with conversation:
+            await conversation.send(payload)
+            await conversation.end_input()
+            output = await conversation.read_to_eof(max_output)
+        return await conversation.wait(), output
+
+
+class ClientVmCaller(ConversationCaller):
+    """Calls from a qube, through ``qrexec-client-vm TARGET SERVICE+ARG``."""
+
+    def __init__(self, program: str = QREXEC_CLIENT_VM):
+        self._program = program
+
+    async def open_service(self, target: str,
+                           service_with_arg: str) -> Conversation:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self._program, "--", target, service_with_arg,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        except OSError as exc:
+            raise QrexecProblem(f"cannot run {self._program}: {exc}") from None
+
+        async def wait_status() -> int:
+            with contextlib.suppress(ProcessLookupError):
+                if proc.returncode is None and proc.stdout.at_eof():
+                    return await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+            return await proc.wait()
+
+        return Conversation(target, service_with_arg, proc.stdout, proc.stdin,
+                            wait_status)
+
+
+async def call(caller: ServiceCaller, target: str, service_with_arg: str,
+               payload: bytes, max_output: int) -> bytes:
+    """Call a socket service of this project and return its payload.
+
+    Raises a :class:`QrexecCallError` for qrexec's failures and
+    :class:`.reply.ServiceRefused` when the service said no.
+    """
+    status, untrusted_output = await caller.call_service(
+        target, service_with_arg, payload, max_output)
+    raise_for_status(status, target, service_with_arg)
+    try:
+        return reply.parse_reply(untrusted_output)
+    except reply.BadReply as exc:
+        raise QrexecProblem(f"{service_with_arg} to {target}: {exc}") from None

@@ -1,0 +1,159 @@
+"""An asyncio server for qrexec socket services.
+
+qrexec serves a service that is a Unix socket (usually a symlink in
+/etc/qubes-rpc to a daemon's socket, as every ``admin.*`` service points to
+qubesd's) by connecting to it and writing the service descriptor, then the
+caller's bytes; what the service writes back goes to the caller. No process
+starts per call, so one daemon serves every call of its services here.
+
+The server reads the descriptor with a hard bound and a timeout, dispatches
+on the service name to a handler from a fixed table (anything else is
+refused), and closes the connection when the handler returns. Handlers read
+the untrusted body with :mod:`.stream` and answer with :mod:`.reply`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+from typing import Awaitable, Callable, Mapping, Optional
+
+from . import reply
+from .descriptor import (MAX_DESCRIPTOR_LEN, DescriptorError, ServiceDescriptor,
+                         parse_descriptor)
+from .stream import StreamError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[
+    [ServiceDescriptor, asyncio.StreamReader, asyncio.StreamWriter],
+    Awaitable[None]]
+
+#: qrexec writes the descriptor at once; a peer that does not is not qrexec.
+DESCRIPTOR_TIMEOUT = 5.0
+
+
+async def read_descriptor(reader: asyncio.StreamReader) -> ServiceDescriptor:
+    """Read and parse the NUL-terminated descriptor, at most
+    :data:`MAX_DESCRIPTOR_LEN` bytes; :class:`DescriptorError` otherwise."""
+    try:
+        untrusted_line = await reader.readuntil(b"\0")
+    except asyncio.LimitOverrunError:
+        raise DescriptorError("service descriptor too long") from None
+    except asyncio.IncompleteReadError:
+        raise DescriptorError("connection closed inside the descriptor") from None
+    return parse_descriptor(untrusted_line)
+
+
+class SocketServiceServer:
+    """Serves a fixed set of services on one Unix socket.
+
+    *handlers* maps service names (without argument) to coroutines called
+    with (descriptor, reader, writer). *only_source*, when set, refuses every
+    other caller before dispatch (the agent serves dom0 only). The socket is
+    created with *mode* (and *group*, a gid, when given) before anyone can
+    connect, since qrexec's file permission is the only gate in front of it.
+    """
+
+    def __init__(self, path: str | os.PathLike, handlers: Mapping[str, Handler],
+                 *, mode: int = 0o660, group: Optional[int] = None,
+                 only_source: Optional[str] = None,
+                 descriptor_timeout: float = DESCRIPTOR_TIMEOUT):
+        self.path = os.fspath(path)
+        self._handlers = dict(handlers)
+        self._mode = mode
+        self._group = group
+        self._only_source = only_source
+        self._timeout = descriptor_timeout
+        self._server: Optional[asyncio.base_events.Server] = None
+
+    async def start(self) -> None:
+        """Bind and listen; a stale socket left by a previous run is replaced."""
+        _remove_stale_socket(self.path)
+        old_umask = os.umask(0o777 & ~self._mode)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._connected, path=self.path,
+                limit=max(MAX_DESCRIPTOR_LEN, 2 ** 16))
+        finally:
+            os.umask(old_umask)
+        if self._group is not None:
+            os.chown(self.path, -1, self._group)
+        os.chmod(self.path, self._mode)
+
+    async def close(self) -> None:
+        """Stop listening and remove the socket."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    async def __aenter__(self) -> "SocketServiceServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def _connected(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._serve_one(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            log.info("caller went away")
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _serve_one(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        try:
+            descriptor = await asyncio.wait_for(read_descriptor(reader),
+                                                self._timeout)
+        except (DescriptorError, asyncio.TimeoutError) as exc:
+            log.warning("refused connection: %s", exc or "descriptor timeout")
+            return
+        refusal = self._refusal(descriptor)
+        if refusal:
+            log.warning("%s from %s: %s", descriptor.service_with_arg,
+                        descriptor.source, refusal)
+            writer.write(reply.error_reply(refusal))
+            await writer.drain()
+            return
+        try:
+            await self._handlers[descriptor.service](descriptor, reader, writer)
+        except StreamError as exc:
+            log.warning("%s from %s: %s", descriptor.service_with_arg,
+                        descriptor.source, exc)
+            writer.write(reply.error_reply(str(exc)))
+        except Exception:  # pylint: disable=broad-except
+            # A bug in one handler must not take the daemon down, and the
+            # caller still deserves an answer it can parse.
+            log.exception("%s from %s failed", descriptor.service_with_arg,
+                          descriptor.source)
+            writer.write(reply.error_reply("internal error"))
+        await writer.drain()
+
+    def _refusal(self, descriptor: ServiceDescriptor) -> Optional[str]:
+        if descriptor.service not in self._handlers:
+            return f"service {descriptor.service} is not served here"
+        if self._only_source and descriptor.source != self._only_source:
+            return f"only {self._only_source} may call {descriptor.service}"
+        return None
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket left behind, but never a file of another kind."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    os.unlink(path)
