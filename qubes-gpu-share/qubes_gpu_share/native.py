@@ -156,10 +156,10 @@ def receive_refusal(guest: str | None, machine: str) -> str:
             "maptrack is exhausted (EINVAL)" + cpu_works)
 
 
-def guest_type(path: str = GUEST_TYPE_PATH) -> str | None:
+def guest_type(path: str | None = None) -> str | None:
     """This domain's virtualisation mode (PV, PVH, HVM), None outside Xen."""
     try:
-        with open(path, encoding="ascii") as source:
+        with open(path or GUEST_TYPE_PATH, encoding="ascii") as source:
             return source.read(16).strip() or None
     except OSError:
         return None

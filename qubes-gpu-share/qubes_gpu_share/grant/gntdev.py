@@ -1,0 +1,214 @@
+"""The real grant device: /dev/xen/gntdev and /dev/xen/gntalloc.
+
+Implements :mod:`.device` over :mod:`qubes_gpu_share.native`. Every lease
+object opens its OWN gntdev (or gntalloc) fd, because the kernel ties state
+to the open file:
+
+* closing a gntdev fd ends every IMP_TO_REFS import and every mapping made
+  through it, so a shared fd would tie unrelated leases' lifetimes together;
+* a mapping's fd can be handed to an application (SCM_RIGHTS), which can then
+  mmap exactly that lease (the offset in its :class:`CpuView`) and nothing
+  else;
+* EXP_WAIT_RELEASED looks exports up by fd number in the gntdev file's own
+  list, so a private fd makes the number unambiguous.
+
+Each constructor undoes what it opened when a later step fails (ExitStack),
+so no fd leaks on an error path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from collections.abc import Sequence
+
+from .. import native
+from ..formats import PAGE_SIZE
+from .device import (
+    AllocatedGrant, CpuView, Grant, GrantDevice, ImportedDmabuf, Mapping,
+    check_page_count)
+from .errors import AlreadyReleased, MapRefused
+
+
+def _close(fd: int) -> int:
+    """Close ``fd`` if open; returns -1 to store in its place."""
+    if fd >= 0:
+        os.close(fd)
+    return -1
+
+
+class DmabufGrant(Grant):
+    """A dma-buf granted with IMP_TO_REFS.
+
+    Holds a private dup of the dma-buf fd: the kernel keys the import by that
+    fd number, so it must stay open and unchanged until IMP_RELEASE.
+    """
+
+    def __init__(self, gntdev_fd: int, dmabuf_fd: int, domid: int,
+                 refs: tuple[int, ...]):
+        self._gntdev_fd, self._dmabuf_fd = gntdev_fd, dmabuf_fd
+        self.domid, self.refs = domid, refs
+        self._revoked = False
+
+    def revoke(self) -> None:
+        if self._revoked:
+            raise AlreadyReleased(
+                f"grant of {self.pages} pages to domain {self.domid} was "
+                f"already revoked")
+        try:
+            native.imp_release(self._gntdev_fd, self._dmabuf_fd)
+        except AlreadyReleased:
+            self._finish()
+            raise
+        self._finish()
+
+    def _finish(self) -> None:
+        self._revoked = True
+        self._dmabuf_fd = _close(self._dmabuf_fd)
+        self._gntdev_fd = _close(self._gntdev_fd)
+
+
+class GntallocGrant(AllocatedGrant):
+    """Fresh pages from gntalloc, granted to one domain."""
+
+    def __init__(self, gntalloc_fd: int, index: int, domid: int,
+                 refs: tuple[int, ...]):
+        self._fd, self._index = gntalloc_fd, index
+        self.domid, self.refs = domid, refs
+        self._revoked = False
+
+    def view(self) -> CpuView:
+        return CpuView(self._fd, self._index, self.pages * PAGE_SIZE)
+
+    def revoke(self) -> None:
+        if self._revoked:
+            raise AlreadyReleased(
+                f"gntalloc pages for domain {self.domid} already revoked")
+        try:
+            native.gntalloc_dealloc(self._fd, self._index, self.pages)
+        finally:
+            # closing the fd deallocates too: never keep a half-ended grant
+            self._revoked = True
+            self._fd = _close(self._fd)
+
+
+class GntdevMapping(Mapping):
+    """Foreign refs reserved for mmap on a private gntdev fd.
+
+    Xen validates the refs when the range is first mmapped: a ref that does
+    not exist, was ended or is granted to another domain fails there.
+    """
+
+    def __init__(self, gntdev_fd: int, index: int, domid: int,
+                 refs: tuple[int, ...], writable: bool):
+        self._fd, self._index = gntdev_fd, index
+        self.domid, self.refs, self.writable = domid, refs, writable
+
+    def view(self) -> CpuView:
+        if self._fd < 0:
+            raise ValueError("mapping is closed")
+        return CpuView(self._fd, self._index, self.length)
+
+    def mmap(self, writable: bool | None = None) -> mmap.mmap:
+        writable = self.writable if writable is None else writable
+        try:
+            return self.view().mmap(writable)
+        except OSError as exc:
+            raise MapRefused(
+                f"mapping {self.pages} refs of domain {self.domid} failed "
+                f"({exc.strerror}): a ref does not exist, was ended, or is "
+                f"granted to another domain", exc.errno) from exc
+
+    @property
+    def pages(self) -> int:
+        return len(self.refs)
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            native.unmap_grant_ref(self._fd, self._index, self.pages)
+        finally:
+            self._fd = _close(self._fd)
+
+
+class GntdevImport(ImportedDmabuf):
+    """A local dma-buf of foreign refs (EXP_FROM_REFS) on a private gntdev."""
+
+    def __init__(self, gntdev_fd: int, dmabuf_fd: int, domid: int,
+                 refs: tuple[int, ...]):
+        self._gntdev_fd = gntdev_fd
+        self.fd = self._exported_fd = dmabuf_fd
+        self.domid, self.refs = domid, refs
+
+    def release(self, timeout_ms: int) -> None:
+        if self._gntdev_fd < 0:
+            raise AlreadyReleased("dma-buf import already released")
+        self.fd = _close(self.fd)
+        try:
+            native.exp_wait_released(self._gntdev_fd, self._exported_fd,
+                                     timeout_ms)
+        except AlreadyReleased:
+            pass  # the last user let go before we asked: released
+        self._gntdev_fd = _close(self._gntdev_fd)
+
+    def close(self) -> None:
+        """Let go without waiting; the pages stay mapped until the last
+        holder of a dup closes it."""
+        self.fd = _close(self.fd)
+        self._gntdev_fd = _close(self._gntdev_fd)
+
+
+class GntdevDevice(GrantDevice):
+    """This domain's grant device. Opening it checks that it exists
+    (NoGrantDevice otherwise); each operation opens its own fd."""
+
+    def __init__(self) -> None:
+        os.close(native.open_gntdev())
+
+    def grant_dmabuf(self, dmabuf_fd: int, pages: int,
+                     to_domid: int) -> DmabufGrant:
+        check_page_count(pages)
+        with contextlib.ExitStack() as undo:
+            own_dmabuf = os.dup(dmabuf_fd)
+            undo.callback(os.close, own_dmabuf)
+            gntdev_fd = native.open_gntdev()
+            undo.callback(os.close, gntdev_fd)
+            refs = native.imp_to_refs(gntdev_fd, own_dmabuf, pages, to_domid)
+            undo.pop_all()
+        return DmabufGrant(gntdev_fd, own_dmabuf, to_domid, refs)
+
+    def grant_new_pages(self, pages: int, to_domid: int) -> GntallocGrant:
+        check_page_count(pages)
+        with contextlib.ExitStack() as undo:
+            gntalloc_fd = native.open_gntalloc()
+            undo.callback(os.close, gntalloc_fd)
+            index, refs = native.gntalloc_alloc(gntalloc_fd, to_domid, pages)
+            undo.pop_all()
+        return GntallocGrant(gntalloc_fd, index, to_domid, refs)
+
+    def map_grant(self, from_domid: int, refs: Sequence[int],
+                  writable: bool = True) -> GntdevMapping:
+        check_page_count(len(refs))
+        refs = tuple(refs)
+        with contextlib.ExitStack() as undo:
+            gntdev_fd = native.open_gntdev(writable)
+            undo.callback(os.close, gntdev_fd)
+            index = native.map_grant_ref(gntdev_fd, from_domid, refs)
+            undo.pop_all()
+        return GntdevMapping(gntdev_fd, index, from_domid, refs, writable)
+
+    def import_dmabuf(self, from_domid: int,
+                      refs: Sequence[int]) -> GntdevImport:
+        check_page_count(len(refs))
+        refs = tuple(refs)
+        with contextlib.ExitStack() as undo:
+            gntdev_fd = native.open_gntdev()
+            undo.callback(os.close, gntdev_fd)
+            dmabuf_fd = native.exp_from_refs(gntdev_fd, from_domid, refs)
+            undo.pop_all()
+        return GntdevImport(gntdev_fd, dmabuf_fd, from_domid, refs)
+
+    def close(self) -> None:
+        """Nothing to give up: every lease object owns its own fds."""
