@@ -1,0 +1,317 @@
+"""What can cross to another qube from here, found by trying.
+
+The question this project exists for: does XEN_GNTDEV_DMABUF already cover
+cross-domain buffer sharing in this qube? The answer depends on the kernel
+(CONFIG_XEN_GNTDEV_DMABUF, the x86 device-map refusal), the guest type and
+the buffer sources present, so the probe does not guess: it grants one page
+to its own domain with gntalloc, maps it back for the CPU and checks the
+bytes, turns it into a dma-buf with EXP_FROM_REFS, and grants one page of
+every buffer source with IMP_TO_REFS, reporting each answer with its reason.
+
+:func:`probe` takes any :class:`~.grant.device.GrantDevice`, so it runs
+against the simulator in tests; :func:`probe_this_domain` runs it against
+the real device. The report renders as a table (:func:`render_text`) or as
+JSON (:meth:`Report.to_json`, schema in docs/probe.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import platform
+from collections.abc import Callable, Sequence
+
+from . import alloc, devices
+from .alloc.base import AllocationError, Allocator
+from .formats import PAGE_SIZE
+from .grant.device import GrantDevice
+from .grant.errors import DmabufNotSupported, GrantError, NoGrantDevice
+
+#: Bumped on any incompatible change of :meth:`Report.to_json`.
+SCHEMA_VERSION = 1
+PATTERN = b"qubes-gpu-share probe\n"
+
+
+class Status(str, enum.Enum):
+    YES = "yes"
+    NO = "no"
+    UNTESTED = "untested"
+
+
+class SourceStatus(str, enum.Enum):
+    GRANTABLE = "grantable"
+    NOT_GRANTABLE = "not-grantable"
+    UNAVAILABLE = "unavailable"
+    UNTESTED = "untested"
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    id: str
+    question: str
+    status: Status
+    detail: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceCheck:
+    name: str
+    status: SourceStatus
+    detail: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    """This domain as Linux sees it (None: not known, e.g. not in Xen)."""
+
+    hypervisor: str | None
+    guest_type: str | None
+    domid: int | None
+    machine: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    domain: Domain
+    checks: tuple[Check, ...]
+    sources: tuple[SourceCheck, ...]
+
+    def check(self, check_id: str) -> Check:
+        return next(c for c in self.checks if c.id == check_id)
+
+    @property
+    def receive_modes(self) -> list[str]:
+        return [mode for mode, cid in (("dmabuf", "receive-dmabuf"),
+                                       ("cpu", "receive-cpu"))
+                if self.check(cid).status is Status.YES]
+
+    @property
+    def provide_modes(self) -> list[str]:
+        modes = []
+        if any(s.status is SourceStatus.GRANTABLE for s in self.sources):
+            modes.append("dmabuf")
+        if self.check("provide-gntalloc").status is Status.YES:
+            modes.append("gntalloc")
+        return modes
+
+    def to_json(self) -> dict:
+        return {
+            "schema": SCHEMA_VERSION,
+            "domain": dataclasses.asdict(self.domain),
+            "checks": [{"id": c.id, "question": c.question,
+                        "status": c.status.value, "detail": c.detail}
+                       for c in self.checks],
+            "sources": [{"name": s.name, "status": s.status.value,
+                         "detail": s.detail} for s in self.sources],
+            "receive_modes": self.receive_modes,
+            "provide_modes": self.provide_modes,
+        }
+
+
+# --- the checks --------------------------------------------------------------
+
+QUESTIONS = {
+    "grant-device": "grant device (/dev/xen/gntdev) present",
+    "provide-gntalloc": "can grant fresh pages (gntalloc)",
+    "receive-cpu": "can receive by CPU mapping (MAP_GRANT_REF + mmap)",
+    "dmabuf-ioctls": "DMABUF ioctls supported (CONFIG_XEN_GNTDEV_DMABUF)",
+    "receive-dmabuf": "can receive dma-bufs (EXP_FROM_REFS)",
+}
+
+
+def _check(check_id: str, status: Status, detail: str = "") -> Check:
+    return Check(check_id, QUESTIONS[check_id], status, detail)
+
+
+def _untested(why: str) -> dict[str, Check]:
+    return {cid: _check(cid, Status.UNTESTED, why)
+            for cid in QUESTIONS if cid != "grant-device"}
+
+
+def _receive_cpu(device: GrantDevice, domid: int,
+                 refs: Sequence[int]) -> Check:
+    """Map our own grant and read back what the granting side wrote."""
+    try:
+        with device.map_grant(domid, refs) as mapping, \
+                mapping.mmap(writable=False) as view:
+            seen = bytes(view[:len(PATTERN)])
+    except (GrantError, OSError) as exc:
+        return _check("receive-cpu", Status.NO, str(exc))
+    if seen != PATTERN:
+        return _check("receive-cpu", Status.NO,
+                      "mapped the grant but read other bytes than written")
+    return _check("receive-cpu", Status.YES, "read back the granted page")
+
+
+def _receive_dmabuf(device: GrantDevice, domid: int,
+                    refs: Sequence[int]) -> tuple[Check, Check]:
+    """EXP_FROM_REFS on our own grant: whether we can receive dma-bufs and,
+    from the same answer, whether the DMABUF ioctls exist at all (only
+    ENOTTY says they do not)."""
+    try:
+        imported = device.import_dmabuf(domid, refs)
+    except DmabufNotSupported as exc:
+        return (_check("receive-dmabuf", Status.NO, str(exc)),
+                _check("dmabuf-ioctls", Status.NO, str(exc)))
+    except GrantError as exc:
+        # the self-grant is valid, so EINVAL here is the kernel's refusal
+        return (_check("receive-dmabuf", Status.NO, str(exc)),
+                _check("dmabuf-ioctls", Status.YES,
+                       f"EXP_FROM_REFS answered errno {exc.errno}, "
+                       f"not ENOTTY"))
+    with imported:
+        imported.release(timeout_ms=1000)
+    return (_check("receive-dmabuf", Status.YES,
+                   "EXP_FROM_REFS gave a dma-buf of a granted page"),
+            _check("dmabuf-ioctls", Status.YES, "EXP_FROM_REFS works"))
+
+
+def _self_grant_checks(device: GrantDevice, domid: int) -> dict[str, Check]:
+    """gntalloc one page to ourselves, then receive it both ways."""
+    try:
+        grant = device.grant_new_pages(1, domid)
+    except GrantError as exc:
+        return {**_untested(f"no self-grant to receive: {exc}"),
+                "provide-gntalloc": _check("provide-gntalloc", Status.NO,
+                                           str(exc))}
+    with grant:
+        with grant.view().mmap() as view:
+            view[:len(PATTERN)] = PATTERN
+        found = {
+            "provide-gntalloc": _check("provide-gntalloc", Status.YES,
+                                       f"granted one page to domain {domid}"),
+            "receive-cpu": _receive_cpu(device, domid, grant.refs),
+        }
+        found["receive-dmabuf"], found["dmabuf-ioctls"] = _receive_dmabuf(
+            device, domid, grant.refs)
+    return found
+
+
+def _source_check(source: Allocator, device: GrantDevice | None,
+                  domid: int | None, why_untested: str) -> SourceCheck:
+    """Allocate one page from ``source`` and grant it to ourselves."""
+    found = source.availability()
+    if not found.ok:
+        return SourceCheck(source.name, SourceStatus.UNAVAILABLE, found.reason)
+    if device is None or domid is None:
+        return SourceCheck(source.name, SourceStatus.UNTESTED, why_untested)
+    try:
+        with source.allocate(PAGE_SIZE) as buf, \
+                device.grant_dmabuf(buf.fd, buf.pages, domid):
+            pass
+    except (AllocationError, OSError) as exc:
+        return SourceCheck(source.name, SourceStatus.UNAVAILABLE,
+                           f"allocation failed: {exc}")
+    except GrantError as exc:
+        return SourceCheck(source.name, SourceStatus.NOT_GRANTABLE, str(exc))
+    detail = "IMP_TO_REFS granted a page of it"
+    if found.reason:
+        detail += f" ({found.reason})"
+    return SourceCheck(source.name, SourceStatus.GRANTABLE, detail)
+
+
+def probe(device: GrantDevice | None, domain: Domain,
+          sources: Sequence[Allocator], why_no_device: str = "",
+          why_no_domid: str = "") -> Report:
+    """Run every check. ``device`` None means there is no grant device (say
+    why in ``why_no_device``); ``domain.domid`` None means this domain's id
+    is unknown (``why_no_domid``), so nothing can be granted to ourselves."""
+    if device is None:
+        checks = {"grant-device": _check("grant-device", Status.NO,
+                                         why_no_device),
+                  **_untested("no grant device")}
+        why_untested = "no grant device"
+    elif domain.domid is None:
+        checks = {"grant-device": _check("grant-device", Status.YES),
+                  **_untested(why_no_domid or "this domain's id is unknown")}
+        why_untested = checks["receive-cpu"].detail
+    else:
+        checks = {"grant-device": _check("grant-device", Status.YES),
+                  **_self_grant_checks(device, domain.domid)}
+        why_untested = ""
+    return Report(
+        domain=domain,
+        checks=tuple(checks[cid] for cid in QUESTIONS),
+        sources=tuple(_source_check(s, device, domain.domid, why_untested)
+                      for s in sources))
+
+
+# --- this domain, for real ---------------------------------------------------
+
+def _read_sys(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read(64).strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def read_domain(sys_root: str = "/sys", domid: int | None = None) -> Domain:
+    return Domain(hypervisor=_read_sys(f"{sys_root}/hypervisor/type"),
+                  guest_type=_read_sys(f"{sys_root}/hypervisor/guest_type"),
+                  domid=domid, machine=platform.machine())
+
+
+def _open_real() -> tuple[GrantDevice | None, int | None, str]:
+    """The real grant device and our domid, or None and the reason."""
+    if not os.path.exists("/sys/hypervisor/type") and \
+            not os.path.exists("/dev/xen/gntdev"):
+        return None, None, ("not a Xen domain: no /sys/hypervisor/type and "
+                            "no /dev/xen/gntdev")
+    try:
+        from . import native
+        from .grant.gntdev import GntdevDevice
+    except ImportError as exc:
+        return None, None, f"the native helper is not built ({exc}); run make"
+    try:
+        device = GntdevDevice()
+    except NoGrantDevice as exc:
+        return None, None, str(exc)
+    try:
+        return device, native.own_domid(), ""
+    except NoGrantDevice as exc:
+        return device, None, str(exc)
+
+
+def probe_this_domain(
+        open_device: Callable[[], tuple[GrantDevice | None, int | None, str]]
+        = _open_real) -> Report:
+    """Probe the domain this process runs in, with the real grant device."""
+    device, domid, why = open_device()
+    sources = alloc.real_sources(devices.scan())
+    domain = read_domain(domid=domid)
+    if device is None:
+        return probe(None, domain, sources, why_no_device=why)
+    with device:
+        return probe(device, domain, sources, why_no_domid=why)
+
+
+# --- rendering ---------------------------------------------------------------
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in (header, *rows))
+              for i in range(len(header) - 1)]
+    return ["  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]])
+            .rstrip() for r in (header, *rows)]
+
+
+def render_text(report: Report) -> str:
+    """The report for people: this domain, the checks, the sources."""
+    d = report.domain
+    lines = [f"hypervisor: {d.hypervisor or 'none (not a Xen domain)'}",
+             f"guest type: {d.guest_type or 'unknown'}",
+             f"domain id:  {'unknown' if d.domid is None else d.domid}",
+             f"machine:    {d.machine}", ""]
+    lines += _table(("CHECK", "RESULT", "DETAIL"),
+                    [(c.question, c.status.value, c.detail)
+                     for c in report.checks])
+    lines.append("")
+    lines += _table(("BUFFER SOURCE", "RESULT", "DETAIL"),
+                    [(s.name, s.status.value, s.detail)
+                     for s in report.sources])
+    lines += ["", "receive modes: " + (", ".join(report.receive_modes)
+                                       or "none"),
+              "provide modes: " + (", ".join(report.provide_modes)
+                                   or "none")]
+    return "\n".join(lines) + "\n"

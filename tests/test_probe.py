@@ -1,0 +1,211 @@
+"""The capability probe: for real through the CLI on this machine, and its
+decisions against a grant device that answers as each kind of kernel does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qubes_gpu_share import probe
+from qubes_gpu_share.alloc import MemfdAllocator
+from qubes_gpu_share.alloc.base import Allocation, Allocator, Availability
+from qubes_gpu_share.formats import PAGE_SIZE
+from qubes_gpu_share.grant import device as gd
+from qubes_gpu_share.grant.errors import (
+    DmabufNotSupported, DmabufReceiveRefused, NotGrantable)
+
+CHECK_IDS = ["grant-device", "provide-gntalloc", "receive-cpu",
+             "dmabuf-ioctls", "receive-dmabuf"]
+IN_XEN = os.path.exists("/dev/xen/gntdev")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from qubes_gpu_share.cli.main import main; "
+         "sys.exit(main())", "probe", *args],
+        capture_output=True, text=True, timeout=60, check=False)
+
+
+# --- for real, through the command ------------------------------------------
+
+@pytest.mark.skipif(IN_XEN, reason="this machine has a grant device")
+def test_cli_text_says_this_is_not_xen():
+    result = run_cli()
+    assert result.returncode == 0, result.stderr
+    assert "hypervisor: none (not a Xen domain)" in result.stdout
+    for question in probe.QUESTIONS.values():
+        assert question in result.stdout
+    assert "receive modes: none" in result.stdout
+    assert "udmabuf" in result.stdout and result.stderr == ""
+
+
+def test_cli_json_follows_the_schema():
+    result = run_cli("--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report) == {"schema", "domain", "checks", "sources",
+                           "receive_modes", "provide_modes"}
+    assert report["schema"] == probe.SCHEMA_VERSION
+    assert set(report["domain"]) == {"hypervisor", "guest_type", "domid",
+                                     "machine"}
+    assert [c["id"] for c in report["checks"]] == CHECK_IDS
+    assert {c["status"] for c in report["checks"]} <= {"yes", "no",
+                                                       "untested"}
+    assert {s["status"] for s in report["sources"]} <= {
+        "grantable", "not-grantable", "unavailable", "untested"}
+    assert report["sources"][0]["name"] == "udmabuf"
+    if not IN_XEN:
+        assert report["checks"][0]["status"] == "no"
+        assert "not a Xen domain" in report["checks"][0]["detail"]
+        assert report["receive_modes"] == report["provide_modes"] == []
+
+
+def test_cli_help_lists_probe():
+    result = subprocess.run(
+        [sys.executable, "-m", "qubes_gpu_share.cli.main", "--help"],
+        capture_output=True, text=True, timeout=60, check=True)
+    assert "probe" in result.stdout and "exit status" in result.stdout
+
+
+# --- decisions, against a grant device with chosen answers --------------------
+
+class _Grant(gd.AllocatedGrant):
+    def __init__(self, fd: int, domid: int):
+        self.fd, self.domid, self.refs = fd, domid, (8,)
+        self._revoked = False
+
+    def revoke(self) -> None:
+        self._revoked = True
+        os.close(self.fd)
+
+    def view(self) -> gd.CpuView:
+        return gd.CpuView(self.fd, 0, PAGE_SIZE)
+
+
+class _Mapping(gd.Mapping):
+    def __init__(self, fd: int, domid: int, refs):
+        self.fd, self.domid, self.refs = fd, domid, tuple(refs)
+
+    def view(self) -> gd.CpuView:
+        return gd.CpuView(self.fd, 0, self.length)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _Import(gd.ImportedDmabuf):
+    def __init__(self):
+        self.fd, self.released = -1, False
+
+    def release(self, timeout_ms: int) -> None:
+        self.released = True
+
+    def close(self) -> None:
+        pass
+
+
+class AnsweringDevice(gd.GrantDevice):
+    """Grants one memfd page per call; answers EXP_FROM_REFS and
+    IMP_TO_REFS with the exception it was given (None: success)."""
+
+    def __init__(self, receive_error=None, grant_error=None):
+        self.receive_error, self.grant_error = receive_error, grant_error
+        self.pages: dict[int, int] = {}
+
+    def grant_new_pages(self, pages, to_domid):
+        grant = _Grant(MemfdAllocator().allocate(PAGE_SIZE * pages).fd,
+                       to_domid)
+        self.pages[grant.refs[0]] = grant.fd
+        return grant
+
+    def map_grant(self, from_domid, refs, writable=True):
+        return _Mapping(os.dup(self.pages[refs[0]]), from_domid, refs)
+
+    def import_dmabuf(self, from_domid, refs):
+        if self.receive_error:
+            raise self.receive_error
+        return _Import()
+
+    def grant_dmabuf(self, dmabuf_fd, pages, to_domid):
+        if self.grant_error:
+            raise self.grant_error
+        return _Grant(os.dup(dmabuf_fd), to_domid)
+
+    def close(self):
+        pass
+
+
+class Missing(Allocator):
+    name = "dma-heap:system"
+
+    def availability(self):
+        return Availability(False, "/dev/dma_heap/system is missing")
+
+    def allocate(self, size) -> Allocation:
+        raise AssertionError("must not be called when unavailable")
+
+
+DOMAIN = probe.Domain("xen", "PVH", 5, "x86_64")
+
+
+def statuses(report: probe.Report) -> dict[str, str]:
+    return {c.id: c.status.value for c in report.checks}
+
+
+def test_working_kernel_receives_both_ways():
+    report = probe.probe(AnsweringDevice(), DOMAIN,
+                         [MemfdAllocator(), Missing()])
+    assert set(statuses(report).values()) == {"yes"}
+    assert report.receive_modes == ["dmabuf", "cpu"]
+    assert report.provide_modes == ["dmabuf", "gntalloc"]
+    assert [s.status.value for s in report.sources] == ["grantable",
+                                                         "unavailable"]
+
+
+def test_kernel_without_dmabuf_ioctls_says_so():
+    enotty = DmabufNotSupported("kernel lacks CONFIG_XEN_GNTDEV_DMABUF")
+    report = probe.probe(AnsweringDevice(enotty, enotty), DOMAIN,
+                         [MemfdAllocator()])
+    assert statuses(report) == {"grant-device": "yes",
+                                "provide-gntalloc": "yes",
+                                "receive-cpu": "yes", "dmabuf-ioctls": "no",
+                                "receive-dmabuf": "no"}
+    assert "CONFIG_XEN_GNTDEV_DMABUF" in report.check("dmabuf-ioctls").detail
+    assert report.sources[0].status is probe.SourceStatus.NOT_GRANTABLE
+    assert report.provide_modes == ["gntalloc"]
+
+
+def test_x86_refusal_keeps_cpu_mode_and_the_reason():
+    refusal = DmabufReceiveRefused("PV qube: use cpu mode")
+    report = probe.probe(AnsweringDevice(refusal,
+                                         NotGrantable("VRAM")), DOMAIN,
+                         [MemfdAllocator()])
+    assert report.receive_modes == ["cpu"]
+    assert report.check("dmabuf-ioctls").status is probe.Status.YES
+    assert report.check("receive-dmabuf").detail == "PV qube: use cpu mode"
+    assert report.sources[0].detail == "VRAM"
+
+
+def test_unknown_domid_leaves_everything_untested():
+    domain = probe.Domain("xen", "PV", None, "x86_64")
+    report = probe.probe(AnsweringDevice(), domain, [MemfdAllocator()],
+                         why_no_domid="xenstore-read failed")
+    assert statuses(report)["grant-device"] == "yes"
+    assert {c.status for c in report.checks[1:]} == {probe.Status.UNTESTED}
+    assert report.sources[0].detail == "xenstore-read failed"
+
+
+def test_text_table_has_one_row_per_check_and_source():
+    report = probe.probe(None, probe.read_domain("/nonexistent"),
+                         [Missing()], why_no_device="no gntdev here")
+    text = probe.render_text(report)
+    assert "no gntdev here" in text
+    for question in probe.QUESTIONS.values():
+        assert text.count(question) == 1
+    assert "dma-heap:system  unavailable" in text
+    assert json.loads(json.dumps(report.to_json()))["domain"]["domid"] is None
