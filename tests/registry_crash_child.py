@@ -16,7 +16,7 @@ import random
 import sys
 
 from qubes_gpu_share import lease, names, registry
-from qubes_gpu_share.formats import BufferMeta, Plane
+from qubes_gpu_share.formats import PAGE_SIZE, ReceiveMode, blob_layout
 from qubes_gpu_share.lease import State
 
 _QUBES = ("work", "personal", "sys-gpu", "sys-gui", "vault")
@@ -26,12 +26,10 @@ def sample_lease(*, consumer: str = "work", provider: str = "sys-gpu",
                  pages: int = 2, ttl: int = 60, now: float = 1000.0,
                  mode: str = "cpu", initiator: str = "lease") -> lease.Lease:
     """A valid lease in its initial state with a fresh random id."""
-    meta = BufferMeta(pages=pages, width=pages * 1024, height=1,
-                      fourcc="BLOB", modifier=0,
-                      planes=(Plane(stride=pages * 1024, offset=0),))
+    meta = blob_layout(pages * PAGE_SIZE)
     return lease.new_lease(lease_id=names.new_lease_id(), consumer=consumer,
                            provider=provider, consumer_domid=3,
-                           provider_domid=2, mode=lease.Mode(mode),
+                           provider_domid=2, mode=ReceiveMode(mode),
                            initiator=lease.Initiator(initiator), meta=meta,
                            ttl=ttl, now=now)
 

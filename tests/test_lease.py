@@ -10,6 +10,7 @@ from hypothesis import given, strategies as st
 
 from qubes_gpu_share import lease
 from qubes_gpu_share.lease import State
+from qubes_gpu_share.formats import BufferMeta, InvalidLayout, Plane
 from qubes_gpu_share.names import InvalidName
 from registry_crash_child import sample_lease
 
@@ -97,6 +98,9 @@ def test_advance_refuses_refs_outside_activation_and_empty_reason():
     ({"lease_id": "ABC"}, InvalidName),
     ({"consumer": "bad name"}, InvalidName),
     ({"mode": "gpu"}, ValueError),
+    ({"meta": BufferMeta(pages=1, width=64, height=64, fourcc="XR24",
+                         modifier=0, planes=(Plane(256, 4096),))},
+     InvalidLayout),
 ])
 def test_new_lease_refuses_impossible_fields(change, error):
     base = sample_lease()

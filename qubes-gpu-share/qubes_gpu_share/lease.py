@@ -38,7 +38,7 @@ import dataclasses
 import enum
 from collections.abc import Sequence
 
-from .formats import BufferMeta
+from .formats import BufferMeta, ReceiveMode, validate_meta
 from .names import parse_lease_id, parse_qube_name
 
 #: Domain ids below DOMID_FIRST_RESERVED (0x7FF0) are real domains.
@@ -58,13 +58,6 @@ class State(str, enum.Enum):
     REVOKED = "revoked"
     EXPIRED = "expired"
     FAILED = "failed"
-
-
-class Mode(str, enum.Enum):
-    """How the consumer receives the buffer (DESIGN.md, hard facts)."""
-
-    CPU = "cpu"
-    DMABUF = "dmabuf"
 
 
 class Initiator(str, enum.Enum):
@@ -140,7 +133,7 @@ class Lease:
     provider: str
     consumer_domid: int
     provider_domid: int
-    mode: Mode
+    mode: ReceiveMode
     initiator: Initiator
     meta: BufferMeta
     ttl: int
@@ -162,7 +155,7 @@ class Lease:
 
 
 def new_lease(*, lease_id: str, consumer: str, provider: str,
-              consumer_domid: int, provider_domid: int, mode: Mode,
+              consumer_domid: int, provider_domid: int, mode: ReceiveMode,
               initiator: Initiator, meta: BufferMeta, ttl: int, now: float,
               reason: str = "requested") -> Lease:
     """A lease in its initial state, with its invariants checked.
@@ -174,7 +167,8 @@ def new_lease(*, lease_id: str, consumer: str, provider: str,
                   consumer=parse_qube_name(consumer),
                   provider=parse_qube_name(provider),
                   consumer_domid=consumer_domid, provider_domid=provider_domid,
-                  mode=Mode(mode), initiator=Initiator(initiator), meta=meta,
+                  mode=ReceiveMode(mode), initiator=Initiator(initiator),
+                  meta=validate_meta(meta, allowed_modifiers=None),
                   ttl=ttl, created=now, updated=now, deadline=now + ttl,
                   reason=reason)
     if lease.consumer == lease.provider:

@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Union
 
 from . import lease as lease_mod
-from .formats import BufferMeta, Plane
-from .lease import Initiator, Lease, Mode, State
+from .formats import BufferMeta, Plane, ReceiveMode
+from .lease import Initiator, Lease, State
 
 DEFAULT_PATH = "/var/lib/qubes-gpu-share/leases.db"
 
@@ -201,7 +201,7 @@ def _lease_from_row(row: sqlite3.Row) -> Lease:
                  provider=row["provider"],
                  consumer_domid=row["consumer_domid"],
                  provider_domid=row["provider_domid"],
-                 mode=Mode(row["mode"]), initiator=Initiator(row["initiator"]),
+                 mode=ReceiveMode(row["mode"]), initiator=Initiator(row["initiator"]),
                  meta=meta, ttl=row["ttl"], created=row["created"],
                  updated=row["updated"], deadline=row["deadline"],
                  state=State(row["state"]), refs=unpack_refs(row["refs"]),
