@@ -1,0 +1,342 @@
+"""The simulated grant device: :class:`GrantDevice` over a simulated hypervisor.
+
+Each process opens its own :class:`SimGrantDevice` (as it would open
+/dev/xen/gntdev), naming its domain id and its kernel's traits; the
+hypervisor (sim_hv.py, a separate process: ``python -m
+qubes_gpu_share.grant.sim serve SOCKET``) owns every grant table and enforces
+the rules of expected.py. One request, one reply per operation.
+
+In the simulation a dma-buf is a memfd of exactly the granted size (or a
+dma-buf this simulator exported); a mapping is a view on the provider's own
+memfd, so a write on one side is read on the other, without a copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+from ..formats import PAGE_SIZE
+from . import errors
+from .device import (AllocatedGrant, CpuView, Grant, GrantDevice,
+                     ImportedDmabuf, Mapping, check_page_count)
+from .expected import DomainKind
+from .sim_proto import (ANCILLARY_SIZE, EXPORT, GRANT, HELLO, ID, MAP,
+                        MAPPED, STATS, STATS_REPLY, STATUS_OK, WAIT,
+                        FrameReader, Op, ProtocolError, SimulatorLimit,
+                        decode_error, decode_runs, encode_refs, expand_runs,
+                        fds_from_ancillary, frame, rights, split_fixed)
+
+__all__ = ["SimGrantDevice", "SimStats", "SimulatorLimit", "hypervisor"]
+
+_VIRT_CODES = {"pv": 0, "pvh": 1, "hvm": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class SimStats:
+    """What the hypervisor holds for one domain (and in all)."""
+
+    table_used: int
+    table_size: int
+    mapped_pages: int
+    exports: int
+    hypervisor_fds: int
+    hazards: int
+
+
+class SimGrantDevice(GrantDevice):
+    """One process's simulated /dev/xen/gntdev in domain ``domid``."""
+
+    def __init__(self, socket_path: str, domid: int,
+                 kind: DomainKind = DomainKind(), *, table_entries: int = 0,
+                 maptrack_entries: int = 0):
+        self.domid = domid
+        self.kind = kind
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = socket.socket(
+            socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.connect(socket_path)
+            self._call(Op.HELLO, HELLO.pack(
+                domid, _VIRT_CODES[kind.virt_mode.value], kind.dmabuf_ioctls,
+                kind.receive_fix, table_entries, maptrack_entries))
+        except OSError as exc:
+            self.close()
+            raise errors.NoGrantDevice(
+                f"no simulated hypervisor at {socket_path} ({exc}); start "
+                f"one with `python -m qubes_gpu_share.grant.sim serve "
+                f"{socket_path}`") from None
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the interface ----------------------------------------------------
+
+    def grant_dmabuf(self, dmabuf_fd: int, pages: int,
+                     to_domid: int) -> Grant:
+        check_page_count(pages)
+        payload, _ = self._call(Op.GRANT_DMABUF, GRANT.pack(pages, to_domid),
+                                dmabuf_fd)
+        (gid,), runs = split_fixed(payload, ID)
+        return _SimGrant(self, gid, to_domid, expand_runs(decode_runs(runs)))
+
+    def grant_new_pages(self, pages: int, to_domid: int) -> AllocatedGrant:
+        check_page_count(pages)
+        payload, fd = self._call(Op.GRANT_NEW, GRANT.pack(pages, to_domid),
+                                 want_fd=True)
+        try:
+            (gid,), runs = split_fixed(payload, ID)
+            refs = expand_runs(decode_runs(runs))
+        except BaseException:
+            os.close(fd)
+            raise
+        return _SimAllocatedGrant(self, gid, to_domid, refs, fd)
+
+    def map_grant(self, from_domid: int, refs: Sequence[int],
+                  writable: bool = True) -> Mapping:
+        refs = _checked_refs(refs)
+        payload, fd = self._call(
+            Op.MAP, MAP.pack(from_domid, writable) + encode_refs(refs),
+            want_fd=True)
+        mid, offset = MAPPED.unpack(payload)
+        return _SimMapping(self, mid, from_domid, refs, fd, offset)
+
+    def import_dmabuf(self, from_domid: int,
+                      refs: Sequence[int]) -> ImportedDmabuf:
+        refs = _checked_refs(refs)
+        payload, fd = self._call(
+            Op.EXPORT, EXPORT.pack(from_domid) + encode_refs(refs),
+            want_fd=True)
+        (eid,) = ID.unpack(payload)
+        return _SimImport(self, eid, from_domid, refs, fd)
+
+    def close(self) -> None:
+        """Like closing /dev/xen/gntdev: the hypervisor drops this process's
+        mappings and ends its grants."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    # -- simulator only ---------------------------------------------------
+
+    def hazards(self) -> list[str]:
+        """Every hazard the hypervisor saw, in any domain (one line each)."""
+        payload, _ = self._call(Op.HAZARDS)
+        return [line for line in payload.decode().split("\n") if line]
+
+    def stats(self, domid: int | None = None) -> SimStats:
+        payload, _ = self._call(Op.STATS, STATS.pack(
+            self.domid if domid is None else domid))
+        return SimStats(*STATS_REPLY.unpack(payload))
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def _call(self, op: int, payload: bytes = b"", fd: int = -1,
+              want_fd: bool = False) -> tuple[bytes, int]:
+        """One round trip: the reply's payload and fd (-1 if none)."""
+        with self._lock:
+            if self._sock is None:
+                raise errors.AlreadyReleased(
+                    "the grant device was closed (its grants ended with it)")
+            data = frame(op, payload)
+            sent = (self._sock.sendmsg([data], rights(fd)) if fd >= 0
+                    else self._sock.send(data))
+            self._sock.sendall(data[sent:])
+            code, reply, fds = _recv_reply(self._sock)
+        if code != STATUS_OK or len(fds) != int(want_fd):
+            for extra in fds:
+                os.close(extra)
+            if code != STATUS_OK:
+                raise decode_error(reply)
+            raise ProtocolError(f"reply to {op} carried {len(fds)} fds")
+        return reply, fds[0] if fds else -1
+
+
+def _recv_reply(sock: socket.socket) -> tuple[int, bytes, list[int]]:
+    reader, fds = FrameReader(), []
+    try:
+        while not reader.done():
+            data, anc, _, _ = sock.recvmsg(reader.wanted(), ANCILLARY_SIZE)
+            fds += fds_from_ancillary(anc)
+            if not data:
+                raise ProtocolError("the simulated hypervisor went away")
+            reader.feed(data)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return reader.code, reader.payload(), fds
+
+
+def _checked_refs(refs: Sequence[int]) -> tuple[int, ...]:
+    refs = tuple(refs)
+    check_page_count(len(refs))
+    if any(not isinstance(ref, int) or not 0 <= ref <= 0xFFFFFFFF
+           for ref in refs):
+        raise errors.MapRefused("grant refs are 32-bit unsigned integers")
+    return refs
+
+
+class _SimGrant(Grant):
+    def __init__(self, device: SimGrantDevice, gid: int, domid: int,
+                 refs: tuple[int, ...]):
+        self._device = device
+        self._gid = gid
+        self._revoked = False
+        self.domid = domid
+        self.refs = refs
+
+    def revoke(self) -> None:
+        if self._revoked:
+            raise errors.AlreadyReleased(f"grant {self._gid} already revoked")
+        self._revoked = True
+        self._device._call(Op.REVOKE, ID.pack(self._gid))
+
+    def close(self) -> None:
+        with contextlib.suppress(errors.AlreadyReleased):
+            super().close()
+
+
+class _SimAllocatedGrant(_SimGrant, AllocatedGrant):
+    def __init__(self, device: SimGrantDevice, gid: int, domid: int,
+                 refs: tuple[int, ...], fd: int):
+        super().__init__(device, gid, domid, refs)
+        self._fd = fd
+
+    def view(self) -> CpuView:
+        if self._fd < 0:
+            raise errors.AlreadyReleased("the allocated pages were revoked")
+        return CpuView(self._fd, 0, self.pages * PAGE_SIZE)
+
+    def revoke(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        super().revoke()
+
+
+class _SimMapping(Mapping):
+    def __init__(self, device: SimGrantDevice, mid: int, domid: int,
+                 refs: tuple[int, ...], fd: int, offset: int):
+        self._device = device
+        self._mid = mid
+        self._fd = fd
+        self._offset = offset
+        self.domid = domid
+        self.refs = refs
+
+    def view(self) -> CpuView:
+        if self._fd < 0:
+            raise errors.AlreadyReleased("the mapping was closed")
+        return CpuView(self._fd, self._offset, self.length)
+
+    def close(self) -> None:
+        """Unmap. The simulator cannot see mmaps made from the view's fd:
+        whoever hands the fd out must close this only when they are gone."""
+        if self._fd < 0:
+            return
+        os.close(self._fd)
+        self._fd = -1
+        if not self._device.closed:
+            with contextlib.suppress(errors.AlreadyReleased):
+                self._device._call(Op.UNMAP, ID.pack(self._mid))
+
+
+class _SimImport(ImportedDmabuf):
+    def __init__(self, device: SimGrantDevice, eid: int, domid: int,
+                 refs: tuple[int, ...], fd: int):
+        self._device = device
+        self._eid = eid
+        self._released = False
+        self.domid = domid
+        self.refs = refs
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def release(self, timeout_ms: int) -> None:
+        if self._released:
+            raise errors.AlreadyReleased("the dma-buf was already released")
+        self.close()
+        try:
+            self._device._call(Op.WAIT, WAIT.pack(self._eid, timeout_ms))
+        except errors.AlreadyReleased:
+            pass  # ENOENT: the last user let go before we waited
+        self._released = True
+
+
+@contextlib.contextmanager
+def hypervisor(socket_path: str, table_entries: int = 0,
+               maptrack_entries: int = 0,
+               start_timeout: float = 10.0) -> Iterator[subprocess.Popen]:
+    """Run a simulated hypervisor process on ``socket_path`` for a while."""
+    argv = [sys.executable, "-m", "qubes_gpu_share.grant.sim", "serve",
+            socket_path]
+    if table_entries:
+        argv += ["--table-entries", str(table_entries)]
+    if maptrack_entries:
+        argv += ["--maptrack-entries", str(maptrack_entries)]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    try:
+        _wait_listening(proc, socket_path, start_timeout)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket_path)
+
+
+def _wait_listening(proc: subprocess.Popen, path: str,
+                    timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"simulated hypervisor exited ({proc.returncode})")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(path) == 0:
+                return
+        time.sleep(0.02)
+    raise RuntimeError(f"simulated hypervisor did not listen on {path}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    from .sim_hv import serve_forever
+
+    parser = argparse.ArgumentParser(
+        prog="python -m qubes_gpu_share.grant.sim",
+        description="Simulated Xen grant tables for qubes-gpu-share.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the hypervisor on a socket")
+    serve.add_argument("socket")
+    serve.add_argument("--table-entries", type=int, default=0,
+                       help="grant table size per domain (default: Xen's)")
+    serve.add_argument("--maptrack-entries", type=int, default=0)
+    args = parser.parse_args(argv)
+    kwargs = {name: value for name, value in (
+        ("table_entries", args.table_entries),
+        ("maptrack_entries", args.maptrack_entries)) if value}
+    serve_forever(args.socket, **kwargs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""The simulated hypervisor: one asyncio process owning every grant table.
+
+Each simulated grant device (one per process, like an open /dev/xen/gntdev)
+connects to its Unix socket, says which domain it is in and what its kernel
+can do, and then sends one frame per operation. Memory crosses as fds:
+providers pass memfds (the simulation's dma-bufs) with SCM_RIGHTS, mappers
+get the same memfd back with the offset of their pages, so both sides see
+the very same pages.
+
+A simulated EXP_FROM_REFS hands out one end of a socketpair: like the real
+exported dma-buf it cannot be mmapped, and when every copy of it is closed
+the hypervisor reads EOF on the other end, which is "the last user let go"
+for EXP_WAIT_RELEASED. Re-granting that fd is recognised by its inode, so a
+test can prove the dma-buf holds the granted pages.
+
+Closing a connection is closing /dev/xen/gntdev: the process's mappings go,
+its grants end (a hazard if a peer still maps them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+
+from ..formats import PAGE_SIZE
+from . import errors
+from .device import check_page_count
+from .expected import (DEFAULT_GRANT_ENTRIES, DEFAULT_MAPTRACK_ENTRIES,
+                       RESERVED_GRANT_REFS, DomainKind, VirtMode, expected)
+from .sim_proto import (ANCILLARY_SIZE, EXPORT, GRANT, HELLO, ID, MAP,
+                        MAPPED, STATS, STATS_REPLY, STATUS_ERROR, STATUS_OK,
+                        WAIT, FrameReader, Op, ProtocolError, decode_runs,
+                        encode_error, encode_runs, fds_from_ancillary, frame,
+                        rights, split_fixed)
+from .sim_tables import (Backing, Domain, Grant, Mapped, end_grant,
+                         memfd_pages, resolve_mapping, unmap)
+
+#: Xen's first reserved domid (DOMID_FIRST_RESERVED).
+DOMID_LIMIT = 0x7FF0
+_VIRT_MODES = tuple(VirtMode)
+
+
+@dataclasses.dataclass
+class Reply:
+    payload: bytes = b""
+    fd: int = -1
+    #: close ``fd`` here once it was sent (a dup made for this reply)
+    close_fd: bool = False
+
+
+@dataclasses.dataclass(eq=False)
+class Connection:
+    """One simulated device: a process's open /dev/xen/gntdev."""
+
+    domain: Domain | None = None
+    grants: dict[int, Grant] = dataclasses.field(default_factory=dict)
+    mappings: dict[int, Mapped] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(eq=False)
+class Export:
+    """A dma-buf made by EXP_FROM_REFS; alive until its last fd is closed."""
+
+    mapped: Mapped
+    watch: socket.socket
+    inode: tuple[int, int]
+    released: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+class Hypervisor:
+    """Every domain's grant table, and the hazards seen so far."""
+
+    def __init__(self, table_entries: int = DEFAULT_GRANT_ENTRIES,
+                 maptrack_entries: int = DEFAULT_MAPTRACK_ENTRIES):
+        self.table_entries = table_entries
+        self.maptrack_entries = maptrack_entries
+        self.domains: dict[int, Domain] = {}
+        self.hazards: list[str] = []
+        self._ids = itertools.count(1)
+        self._exports: dict[int, Export] = {}
+        self._export_inodes: dict[tuple[int, int], Export] = {}
+        self._handlers: dict[int, Callable[..., Reply | Awaitable[Reply]]] = {
+            Op.HELLO: self._hello, Op.GRANT_DMABUF: self._grant_dmabuf,
+            Op.GRANT_NEW: self._grant_new, Op.REVOKE: self._revoke,
+            Op.MAP: self._map, Op.UNMAP: self._unmap,
+            Op.EXPORT: self._export, Op.WAIT: self._wait,
+            Op.HAZARDS: self._hazards, Op.STATS: self._stats}
+
+    # -- I/O --------------------------------------------------------------
+
+    async def serve(self, path: str) -> None:
+        """Listen on ``path`` until cancelled."""
+        loop = asyncio.get_running_loop()
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.setblocking(False)
+        server.bind(path)
+        server.listen(64)
+        tasks: set[asyncio.Task] = set()
+        try:
+            while True:
+                sock, _ = await loop.sock_accept(server)
+                task = asyncio.create_task(self._serve_connection(sock))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            server.close()
+            for task in tasks:
+                task.cancel()
+
+    async def _serve_connection(self, sock: socket.socket) -> None:
+        conn = Connection()
+        try:
+            while True:
+                request = await _recv_frame(sock)
+                if request is None:
+                    return
+                reply = await self._dispatch(conn, *request)
+                await _send_frame(sock, reply)
+        except (ProtocolError, ConnectionError):
+            return
+        finally:
+            sock.close()
+            self._drop_connection(conn)
+
+    async def _dispatch(self, conn: Connection, op: int, payload: bytes,
+                        fds: list[int]) -> Reply:
+        try:
+            handler = self._handlers.get(op)
+            if handler is None:
+                raise ProtocolError(f"unknown operation {op}")
+            if op != Op.HELLO and conn.domain is None:
+                raise ProtocolError("say HELLO first")
+            reply = handler(conn, payload, fds)
+            if asyncio.iscoroutine(reply):
+                reply = await reply
+            return dataclasses.replace(
+                reply, payload=frame(STATUS_OK, reply.payload))
+        except errors.GrantError as exc:
+            return Reply(frame(STATUS_ERROR, encode_error(exc)))
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _drop_connection(self, conn: Connection) -> None:
+        """Closing /dev/xen/gntdev: mappings go, grants end."""
+        for mapped in conn.mappings.values():
+            unmap(mapped)
+        for grant in conn.grants.values():
+            self._note(end_grant(grant), "provider closed its device: ")
+        conn.mappings.clear()
+        conn.grants.clear()
+
+    def _note(self, hazard: str | None, prefix: str = "") -> None:
+        if hazard:
+            self.hazards.append(prefix + hazard)
+
+    # -- operations -------------------------------------------------------
+
+    def _hello(self, conn: Connection, payload: bytes,
+               fds: list[int]) -> Reply:
+        (domid, virt, ioctls, fix, table, maptrack), _ = split_fixed(
+            payload, HELLO)
+        if conn.domain is not None:
+            raise ProtocolError("HELLO twice")
+        if domid >= DOMID_LIMIT or virt >= len(_VIRT_MODES) or max(
+                ioctls, fix) > 1:
+            raise ProtocolError("invalid domain description")
+        table = table or self.table_entries
+        maptrack = maptrack or self.maptrack_entries
+        if table <= RESERVED_GRANT_REFS:
+            raise ProtocolError(f"grant table of {table} entries")
+        kind = DomainKind(_VIRT_MODES[virt], bool(ioctls), bool(fix))
+        domain = self.domains.get(domid)
+        if domain is None:
+            domain = self.domains[domid] = Domain(domid, kind, table,
+                                                  maptrack)
+        elif not domain.describes(kind, table, maptrack):
+            raise ProtocolError(
+                f"domain {domid} exists with other traits: {domain.kind}")
+        conn.domain = domain
+        return Reply()
+
+    def _grant_dmabuf(self, conn: Connection, payload: bytes,
+                      fds: list[int]) -> Reply:
+        (pages, to_domid), _ = split_fixed(payload, GRANT)
+        refusal = expected(conn.domain.kind).grant_dmabuf
+        if refusal:
+            raise refusal.exception()
+        check_page_count(pages)
+        if len(fds) != 1:
+            raise ProtocolError("GRANT_DMABUF needs one fd")
+        export = self._export_of(fds[0])
+        if export is None:
+            memfd_pages(fds[0], pages)
+            backing, first = Backing(fds[0]), 0
+        elif export.mapped.pages != pages:
+            raise errors.NotGrantable(
+                f"dma-buf has {export.mapped.pages} pages, not {pages}")
+        else:
+            backing, first = export.mapped.backing, export.mapped.first_page
+        grant = Grant(next(self._ids), conn.domain, to_domid, backing, first,
+                      pages, "dma-buf")
+        grant.runs = conn.domain.table.allocate(grant)
+        fd = fds.pop()
+        backing.hold()
+        if export is not None:
+            grant.pin_fd = fd
+        conn.grants[grant.gid] = grant
+        return Reply(ID.pack(grant.gid) + encode_runs(grant.runs))
+
+    def _export_of(self, fd: int) -> Export | None:
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode):
+            return None
+        export = self._export_inodes.get((st.st_dev, st.st_ino))
+        if export is None:
+            raise errors.NotGrantable("not a dma-buf")
+        return export
+
+    def _grant_new(self, conn: Connection, payload: bytes,
+                   fds: list[int]) -> Reply:
+        (pages, to_domid), _ = split_fixed(payload, GRANT)
+        check_page_count(pages)
+        fd = os.memfd_create("sim-gntalloc", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, pages * PAGE_SIZE)
+            grant = Grant(next(self._ids), conn.domain, to_domid,
+                          Backing(fd), 0, pages, "gntalloc")
+            grant.runs = conn.domain.table.allocate(grant)
+        except BaseException:
+            os.close(fd)
+            raise
+        grant.backing.hold()
+        conn.grants[grant.gid] = grant
+        return Reply(ID.pack(grant.gid) + encode_runs(grant.runs), fd)
+
+    def _revoke(self, conn: Connection, payload: bytes,
+                fds: list[int]) -> Reply:
+        (gid,), _ = split_fixed(payload, ID)
+        grant = conn.grants.pop(gid, None)
+        if grant is None:
+            raise errors.AlreadyReleased(f"no grant {gid} (already revoked)")
+        self._note(end_grant(grant))
+        return Reply()
+
+    def _resolve(self, conn: Connection, from_domid: int,
+                 runs_data: bytes) -> Mapped:
+        granter = self.domains.get(from_domid)
+        runs = decode_runs(runs_data)
+        if granter is None:
+            raise errors.MapRefused(f"domain {from_domid} granted nothing")
+        return resolve_mapping(conn.domain, granter, runs, next(self._ids))
+
+    def _map(self, conn: Connection, payload: bytes,
+             fds: list[int]) -> Reply:
+        (from_domid, writable), runs = split_fixed(payload, MAP)
+        mapped = self._resolve(conn, from_domid, runs)
+        conn.mappings[mapped.mid] = mapped
+        reply = MAPPED.pack(mapped.mid, mapped.first_page * PAGE_SIZE)
+        if writable:
+            return Reply(reply, mapped.backing.fd)
+        readonly = os.open(f"/proc/self/fd/{mapped.backing.fd}",
+                           os.O_RDONLY | os.O_CLOEXEC)
+        return Reply(reply, readonly, close_fd=True)
+
+    def _unmap(self, conn: Connection, payload: bytes,
+               fds: list[int]) -> Reply:
+        (mid,), _ = split_fixed(payload, ID)
+        mapped = conn.mappings.pop(mid, None)
+        if mapped is None:
+            raise errors.AlreadyReleased(f"no mapping {mid}")
+        unmap(mapped)
+        return Reply()
+
+    def _export(self, conn: Connection, payload: bytes,
+                fds: list[int]) -> Reply:
+        (from_domid,), runs = split_fixed(payload, EXPORT)
+        refusal = expected(conn.domain.kind).receive_dmabuf
+        if refusal:
+            raise refusal.exception()
+        try:
+            mapped = self._resolve(conn, from_domid, runs)
+        except (errors.MapRefused, errors.GrantTableFull) as exc:
+            raise errors.DmabufReceiveRefused(f"EXP_FROM_REFS: {exc}") from None
+        watch, given = socket.socketpair()
+        st = os.fstat(given.fileno())
+        export = Export(mapped, watch, (st.st_dev, st.st_ino))
+        self._exports[mapped.mid] = export
+        self._export_inodes[export.inode] = export
+        watch.setblocking(False)
+        asyncio.get_running_loop().add_reader(
+            watch, self._export_readable, export)
+        return Reply(ID.pack(mapped.mid), given.detach(), close_fd=True)
+
+    def _export_readable(self, export: Export) -> None:
+        try:
+            if export.watch.recv(4096):
+                return  # someone wrote into the "dma-buf": ignore
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        asyncio.get_running_loop().remove_reader(export.watch)
+        export.watch.close()
+        del self._exports[export.mapped.mid]
+        del self._export_inodes[export.inode]
+        unmap(export.mapped)
+        export.released.set()
+
+    async def _wait(self, conn: Connection, payload: bytes,
+                    fds: list[int]) -> Reply:
+        (eid, timeout_ms), _ = split_fixed(payload, WAIT)
+        export = self._exports.get(eid)
+        if export is None or export.mapped.domain is not conn.domain:
+            raise errors.AlreadyReleased(f"no exported dma-buf {eid}")
+        try:
+            await asyncio.wait_for(export.released.wait(), timeout_ms / 1000)
+        except asyncio.TimeoutError:
+            raise errors.ReleaseTimeout(
+                f"exported dma-buf {eid} is still in use after "
+                f"{timeout_ms} ms") from None
+        return Reply()
+
+    def _hazards(self, conn: Connection, payload: bytes,
+                 fds: list[int]) -> Reply:
+        return Reply("\n".join(self.hazards).encode()[-60000:])
+
+    def _stats(self, conn: Connection, payload: bytes,
+               fds: list[int]) -> Reply:
+        (domid,), _ = split_fixed(payload, STATS)
+        domain = self.domains.get(domid)
+        if domain is None:
+            raise errors.GrantError(f"no domain {domid}")
+        return Reply(STATS_REPLY.pack(
+            domain.table.used, domain.table.size - RESERVED_GRANT_REFS,
+            domain.mapped_pages, len(self._exports),
+            len(os.listdir("/proc/self/fd")), len(self.hazards)))
+
+
+async def _recv_frame(sock: socket.socket
+                      ) -> tuple[int, bytes, list[int]] | None:
+    """One request with its fds, or None at EOF between frames."""
+    loop = asyncio.get_running_loop()
+    reader, fds = FrameReader(), []
+    try:
+        while not reader.done():
+            try:
+                data, anc, flags, _ = sock.recvmsg(reader.wanted(),
+                                                   ANCILLARY_SIZE)
+            except BlockingIOError:
+                await _readable(loop, sock)
+                continue
+            fds += fds_from_ancillary(anc)
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError("too many fds")
+            if not data:
+                if reader.code is not None or fds:
+                    raise ProtocolError("EOF inside a frame")
+                return None
+            reader.feed(data)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return reader.code, reader.payload(), fds
+
+
+async def _readable(loop: asyncio.AbstractEventLoop,
+                    sock: socket.socket) -> None:
+    ready = loop.create_future()
+    loop.add_reader(sock, ready.set_result, None)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock)
+
+
+async def _send_frame(sock: socket.socket, reply: Reply) -> None:
+    loop = asyncio.get_running_loop()
+    data = reply.payload
+    try:
+        if reply.fd >= 0:
+            # a request waits for its reply, so the socket buffer is empty
+            sent = sock.sendmsg([data], rights(reply.fd))
+            data = data[sent:]
+        if data:
+            await loop.sock_sendall(sock, data)
+    finally:
+        if reply.close_fd:
+            os.close(reply.fd)
+
+
+def serve_forever(path: str, table_entries: int = DEFAULT_GRANT_ENTRIES,
+                  maptrack_entries: int = DEFAULT_MAPTRACK_ENTRIES) -> None:
+    """Run a hypervisor on ``path`` until SIGTERM/SIGINT."""
+    import signal
+
+    async def main() -> None:
+        task = asyncio.create_task(
+            Hypervisor(table_entries, maptrack_entries).serve(path))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(signum, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(main())
