@@ -161,3 +161,21 @@ def test_call_service_output_bounded(facts, app):
 def test_call_service_unknown_qube(facts):
     with pytest.raises(ServiceCallError, match="no qube nope"):
         call(facts, qube="nope")
+
+
+def test_only_admin_module_imports_qubesadmin():
+    import ast
+    import pathlib
+
+    import qubes_gpu_share
+    root = pathlib.Path(qubes_gpu_share.__file__).parent
+    importers = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names]
+                     if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom)
+                     and node.level == 0 else [])
+            if any(n.split(".")[0] == "qubesadmin" for n in names):
+                importers.add(path.relative_to(root).as_posix())
+    assert importers == {"qubes/admin.py"}
