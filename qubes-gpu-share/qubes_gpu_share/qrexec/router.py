@@ -45,9 +45,12 @@ class Router:
                  service_dirs: Mapping[str, os.PathLike | str], *,
                  tags: Optional[Mapping[str, Iterable[str]]] = None,
                  assume_yes_for_ask: bool = False, policy=None):
-        self._dirs = {name: pathlib.Path(d) for name, d in service_dirs.items()}
+        #: qube name -> its directory of service sockets
+        self.service_dirs = {name: pathlib.Path(d)
+                             for name, d in service_dirs.items()}
         tags = tags or {}
-        self._info = system_info({name: tags.get(name, ()) for name in self._dirs})
+        self._info = system_info({name: tags.get(name, ())
+                                  for name in self.service_dirs})
         self._policy = policy or load_policy(pathlib.Path(policy_dir))
         self._assume_yes = assume_yes_for_ask
 
@@ -74,7 +77,7 @@ class Router:
 
     def find_service(self, target: str, service_with_arg: str) -> Optional[pathlib.Path]:
         """``NAME+ARG`` then ``NAME`` in the target's directory, if a socket."""
-        directory = self._dirs.get(target)
+        directory = self.service_dirs.get(target)
         if directory is None:
             return None
         name = service_with_arg.partition("+")[0]

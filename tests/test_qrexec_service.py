@@ -1,0 +1,185 @@
+"""The socket-service server and the bounded readers, driven like qrexec."""
+
+import asyncio
+import os
+import stat
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from qubes_gpu_share.qrexec import reply, stream
+from qubes_gpu_share.qrexec.service import SocketServiceServer
+
+
+async def _echo(descriptor, reader, writer):
+    body = await stream.read_to_eof(reader, 16)
+    writer.write(reply.ok_reply(
+        f"{descriptor.source} {descriptor.argument} ".encode() + body))
+
+
+async def _offer(descriptor, reader, writer):
+    # the offer flow's shape: request, question, answer, result
+    request = await stream.read_message(reader, 64)
+    writer.write(b"export " + request + b"\n")
+    await writer.drain()
+    answer = await stream.read_message(reader, 64)
+    writer.write(reply.ok_reply(b"done " + answer))
+
+
+async def _crash(descriptor, reader, writer):
+    raise RuntimeError("bug")
+
+
+HANDLERS = {"qubes.GpuLease": _echo, "qubes.GpuOffer": _offer,
+            "qubes.GpuLeases": _crash}
+
+
+async def _talk(path, *chunks, eof=True):
+    reader, writer = await asyncio.open_unix_connection(path)
+    for chunk in chunks:
+        writer.write(chunk)
+    if eof:
+        writer.write_eof()
+    out = await reader.read()
+    writer.close()
+    return out
+
+
+def _run(tmp_path, coro_fn, **kwargs):
+    async def main():
+        path = tmp_path / "broker.sock"
+        async with SocketServiceServer(path, HANDLERS, **kwargs) as server:
+            return await coro_fn(server.path)
+    return asyncio.run(main())
+
+
+def test_dispatches_with_the_source_from_the_descriptor(tmp_path):
+    out = _run(tmp_path, lambda p: _talk(
+        p, b"qubes.GpuLease+sys-gpu work keyword adminvm\0", b"hello"))
+    assert reply.parse_reply(out) == b"work sys-gpu hello"
+
+
+def test_unknown_service_is_refused(tmp_path):
+    out = _run(tmp_path, lambda p: _talk(p, b"qubes.VMShell+ work name dom0\0"))
+    with pytest.raises(reply.ServiceRefused, match="not served here"):
+        reply.parse_reply(out)
+
+
+def test_only_source(tmp_path):
+    out = _run(tmp_path, lambda p: _talk(p, b"qubes.GpuLease+ work\0"),
+               only_source="dom0")
+    with pytest.raises(reply.ServiceRefused, match="only dom0"):
+        reply.parse_reply(out)
+    out = _run(tmp_path, lambda p: _talk(p, b"qubes.GpuLease+ dom0\0"),
+               only_source="dom0")
+    assert reply.parse_reply(out) == b"dom0  "
+
+
+@pytest.mark.parametrize("data", [
+    b"qubes.GpuLease+x work keyword adminvm",          # no NUL before EOF
+    b"qubes.GpuLease+x 9work\0",                        # bad source
+    b"x" * 70000,                                       # over any bound
+])
+def test_bad_descriptor_gets_no_answer(tmp_path, data):
+    assert _run(tmp_path, lambda p: _talk(p, data)) == b""
+
+
+def test_silent_peer_times_out(tmp_path):
+    out = _run(tmp_path, lambda p: _talk(p, b"qubes.Gpu", eof=False),
+               descriptor_timeout=0.05)
+    assert out == b""
+
+
+def test_body_over_bound_is_refused(tmp_path):
+    out = _run(tmp_path, lambda p: _talk(
+        p, b"qubes.GpuLease+ work name dom0\0", b"x" * 17))
+    with pytest.raises(reply.ServiceRefused, match="more than 16 bytes"):
+        reply.parse_reply(out)
+
+
+def test_handler_bug_answers_internal_error(tmp_path):
+    out = _run(tmp_path, lambda p: _talk(p, b"qubes.GpuLeases+ work name dom0\0"))
+    with pytest.raises(reply.ServiceRefused, match="internal error"):
+        reply.parse_reply(out)
+
+
+def test_multi_turn_conversation(tmp_path):
+    async def converse(path):
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(b"qubes.GpuOffer+work sys-gpu keyword adminvm\0offer-1\n")
+        question = await stream.read_message(reader, 64)
+        writer.write(b"refs-1\n")
+        writer.write_eof()
+        result = await reader.read()
+        writer.close()
+        return question, result
+    question, result = _run(tmp_path, converse)
+    assert question == b"export offer-1"
+    assert reply.parse_reply(result) == b"done refs-1"
+
+
+def test_socket_mode_and_stale_socket(tmp_path):
+    async def mode(path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    assert _run(tmp_path, mode, mode=0o600) == 0o600
+    assert _run(tmp_path, mode, mode=0o666) == 0o666   # stale one replaced
+
+
+def test_refuses_to_replace_a_regular_file(tmp_path):
+    (tmp_path / "broker.sock").write_text("not a socket")
+    with pytest.raises(FileExistsError):
+        _run(tmp_path, lambda p: _talk(p))
+
+
+def _feed(chunks):
+    reader = asyncio.StreamReader(limit=64)
+    for chunk in chunks:
+        reader.feed_data(chunk)
+    reader.feed_eof()
+    return reader
+
+
+@settings(max_examples=2000)
+@given(st.lists(st.binary(max_size=40), max_size=6), st.integers(0, 80))
+def test_fuzz_read_to_eof(chunks, bound):
+    async def main():
+        return await stream.read_to_eof(_feed(chunks), bound)
+    data = b"".join(chunks)
+    try:
+        assert asyncio.run(main()) == data and len(data) <= bound
+    except stream.StreamError:
+        assert len(data) > bound
+
+
+@settings(max_examples=2000)
+@given(st.lists(st.binary(max_size=40), max_size=6), st.integers(0, 64))
+def test_fuzz_read_message(chunks, bound):
+    async def main():
+        return await stream.read_message(_feed(chunks), bound)
+    data = b"".join(chunks)
+    try:
+        message = asyncio.run(main())
+    except stream.StreamError:
+        first = data.split(b"\n", 1)[0]
+        assert b"\n" not in data or len(first) > bound
+        return
+    assert data.startswith(message + b"\n") and len(message) <= bound
+
+
+@settings(max_examples=2000)
+@given(st.binary(max_size=300))
+def test_fuzz_parse_reply(untrusted):
+    try:
+        reply.parse_reply(untrusted)
+    except reply.ServiceRefused as exc:
+        assert len(str(exc)) <= reply.MAX_REASON_LEN
+        assert str(exc).isprintable() and str(exc).isascii()
+    except reply.BadReply:
+        pass
+
+
+def test_error_reply_is_one_line():
+    out = reply.error_reply("over budget\nsecond line\x1b[31m")
+    assert out.count(b"\n") == 1
+    with pytest.raises(reply.ServiceRefused, match="over budget_second line_"):
+        reply.parse_reply(out)
