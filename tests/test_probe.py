@@ -209,3 +209,39 @@ def test_text_table_has_one_row_per_check_and_source():
         assert text.count(question) == 1
     assert "dma-heap:system  unavailable" in text
     assert json.loads(json.dumps(report.to_json()))["domain"]["domid"] is None
+
+
+# --- against the grant simulator, per kind of kernel --------------------------
+
+@pytest.fixture(scope="module")
+def sim_socket(tmp_path_factory):
+    sim = pytest.importorskip("qubes_gpu_share.grant.sim")
+    path = str(tmp_path_factory.mktemp("sim") / "hv.sock")
+    with sim.hypervisor(path):
+        yield path
+
+
+@pytest.mark.parametrize("domid, traits, receive, ioctls", [
+    (7, {}, ["cpu"], "yes"),
+    (8, {"receive_fix": True}, ["dmabuf", "cpu"], "yes"),
+    (9, {"dmabuf_ioctls": False}, ["cpu"], "no"),
+    (10, {"virt_mode": "pv", "receive_fix": True}, ["cpu"], "yes"),
+])
+def test_probe_against_the_simulator(sim_socket, domid, traits, receive,
+                                     ioctls):
+    """Each simulated domain (one domid per kind: the simulator keeps a
+    domain's traits) grants a page to itself and receives it."""
+    from qubes_gpu_share.grant.expected import DomainKind, VirtMode
+    from qubes_gpu_share.grant.sim import SimGrantDevice
+    kind = DomainKind(**{**traits, "virt_mode": VirtMode(
+        traits.get("virt_mode", "pvh"))})
+    domain = probe.Domain("xen", kind.virt_mode.value.upper(), domid,
+                          "x86_64")
+    with SimGrantDevice(sim_socket, domid, kind) as device:
+        report = probe.probe(device, domain, [MemfdAllocator()])
+    assert report.receive_modes == receive
+    assert report.check("dmabuf-ioctls").status.value == ioctls
+    assert report.check("provide-gntalloc").status is probe.Status.YES
+    assert report.sources[0].status is (
+        probe.SourceStatus.GRANTABLE if ioctls == "yes"
+        else probe.SourceStatus.NOT_GRANTABLE)
