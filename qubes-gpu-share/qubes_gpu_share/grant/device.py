@@ -36,23 +36,15 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import enum
 import mmap
 from collections.abc import Sequence
 from types import TracebackType
 
-from ..formats import MAX_LEASE_PAGES, PAGE_SIZE
+from ..formats import MAX_LEASE_PAGES, PAGE_SIZE, ReceiveMode
 from .errors import TooManyPages
 
-
-class ReceiveMode(str, enum.Enum):
-    """How a consumer receives a leased buffer."""
-
-    #: MAP_GRANT_REF + mmap: the application gets an fd it can mmap.
-    CPU = "cpu"
-    #: EXP_FROM_REFS: the application gets a dma-buf for GPU import (PRIME);
-    #: it has no mmap.
-    DMABUF = "dmabuf"
+__all__ = ["ReceiveMode", "CpuView", "check_page_count", "Grant",
+           "AllocatedGrant", "Mapping", "ImportedDmabuf", "GrantDevice"]
 
 
 @dataclasses.dataclass(frozen=True)
