@@ -310,7 +310,7 @@ def test_context_managers_close_mapping_and_gntalloc(fake_devices,
         assert pages.view().length == 2 * 4096
 
 
-# --- own domain id ------------------------------------------------------------
+# --- own domain id ----------------------------------------------------
 
 def test_dom0_is_recognised_from_capabilities(tmp_path):
     caps = tmp_path / "capabilities"
@@ -319,8 +319,8 @@ def test_dom0_is_recognised_from_capabilities(tmp_path):
 
 
 @pytest.mark.parametrize("stdout, code, expect", [
-    ("5\n", 0, 5), ("32751", 0, 32751), ("32752", 0, None), ("-1", 0, None), ("x", 0, None),
-    ("", 1, None), ("٣", 0, None),
+    ("5\n", 0, 5), ("32751", 0, 32751), ("32752", 0, None),
+    ("-1", 0, None), ("x", 0, None), ("", 1, None), ("٣", 0, None),
 ])
 def test_domu_domid_from_xenstore(tmp_path, stdout, code, expect):
     def run(argv, **kwargs):
