@@ -179,3 +179,19 @@ def test_subset_evaluator_routes_the_same(system):
     assert _call(router, "other", "@adminvm", "qubes.GpuLease+sys-gpu") == (126, b"")
     status, _out = _call(router, "work", "@adminvm", "qubes.GpuLease+sys-gpu")
     assert status == 0
+
+
+@pytest.mark.parametrize("status, exc", [(126, call.PolicyDenied),
+                                         (125, call.QrexecProblem),
+                                         (127, call.ServiceNotFound)])
+def test_client_vm_caller_maps_exit_statuses(tmp_path, status, exc):
+    # stands in for qrexec-client-vm: checks its arguments, echoes stdin
+    fake = tmp_path / "qrexec-client-vm"
+    fake.write_text('#!/bin/sh\n[ "$1 $2 $3" = "-- @adminvm qubes.GpuLeases+" ] '
+                    f'|| exit 99\nprintf "0\\0"; cat; exit {status}\n')
+    fake.chmod(0o755)
+    caller = call.ClientVmCaller(str(fake))
+    assert asyncio.run(caller.call_service(
+        "@adminvm", "qubes.GpuLeases+", b"in", 100)) == (status, b"0\0in")
+    with pytest.raises(exc):
+        asyncio.run(call.call(caller, "@adminvm", "qubes.GpuLeases+", b"", 100))
