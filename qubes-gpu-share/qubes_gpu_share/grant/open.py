@@ -1,0 +1,89 @@
+"""Choose the grant device from configuration: the real one or the simulator.
+
+The agent and the probe call :func:`open_grant_device` and never name an
+implementation. The choice comes from the environment variable
+``QUBES_GPU_SHARE_GRANT`` (set by the demo and tests, unset on a real
+system):
+
+* unset, empty or ``real`` -- /dev/xen/gntdev (:mod:`.gntdev`, imported only
+  then, so the simulator works where the native module is not built);
+* ``sim:SOCKET:DOMID[:TRAITS]`` -- the simulated hypervisor on SOCKET, as
+  domain DOMID; TRAITS is a comma list of ``pv``/``pvh``/``hvm``,
+  ``nodmabuf`` (kernel without CONFIG_XEN_GNTDEV_DMABUF) and ``fix`` (dma-buf
+  receive fix present); what is not said comes from expected.DomainKind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from .device import GrantDevice
+from .expected import DomainKind, VirtMode
+
+ENV = "QUBES_GPU_SHARE_GRANT"
+
+
+class BadDeviceSpec(ValueError):
+    """The configuration names no device this program knows."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+    """A parsed device choice; ``socket`` is None for the real device."""
+
+    socket: str | None = None
+    domid: int = 0
+    kind: DomainKind = DomainKind()
+
+    @property
+    def simulated(self) -> bool:
+        return self.socket is not None
+
+
+def parse_spec(text: str) -> DeviceSpec:
+    """Parse the value of QUBES_GPU_SHARE_GRANT (strict)."""
+    if text in ("", "real"):
+        return DeviceSpec()
+    if not text.startswith("sim:"):
+        raise BadDeviceSpec(f"{ENV}={text!r}: expected 'real' or "
+                            f"'sim:SOCKET:DOMID[:TRAITS]'")
+    parts = text[len("sim:"):].split(":")
+    kind = DomainKind()
+    if len(parts) >= 3 and not parts[-1].isdigit():
+        kind = _parse_traits(parts.pop())
+    if len(parts) < 2 or not parts[-1].isdigit() or not all(parts[:-1]):
+        raise BadDeviceSpec(f"{ENV}={text!r}: expected sim:SOCKET:DOMID")
+    domid = int(parts.pop())
+    if domid >= 0x7FF0:
+        raise BadDeviceSpec(f"{ENV}: domain id {domid} is reserved by Xen")
+    return DeviceSpec(":".join(parts), domid, kind)
+
+
+def _parse_traits(text: str) -> DomainKind:
+    kind = DomainKind()
+    for word in text.split(","):
+        if word in {mode.value for mode in VirtMode}:
+            kind = dataclasses.replace(kind, virt_mode=VirtMode(word))
+        elif word == "nodmabuf":
+            kind = dataclasses.replace(kind, dmabuf_ioctls=False)
+        elif word == "fix":
+            kind = dataclasses.replace(kind, receive_fix=True)
+        else:
+            raise BadDeviceSpec(f"{ENV}: unknown trait {word!r} (known: "
+                                f"pv, pvh, hvm, nodmabuf, fix)")
+    return kind
+
+
+def open_grant_device(spec: str | DeviceSpec | None = None) -> GrantDevice:
+    """Open the device the configuration (by default the environment)
+    names. Raises NoGrantDevice when it is not there."""
+    if spec is None:
+        spec = os.environ.get(ENV, "")
+    if isinstance(spec, str):
+        spec = parse_spec(spec)
+    if spec.simulated:
+        from .sim import SimGrantDevice
+        return SimGrantDevice(spec.socket, spec.domid, spec.kind)
+    from .gntdev import GntdevDevice
+    return GntdevDevice()

@@ -1,0 +1,357 @@
+"""The grant-table simulator: the contract suite, and its own rules.
+
+One hypervisor process serves the whole module; every test takes fresh
+domain ids, so tests never see each other's grant tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+
+import pytest
+
+from grant_contract import *  # noqa: F401,F403 (the contract's tests)
+from grant_contract import GrantImpl
+from qubes_gpu_share.formats import PAGE_SIZE
+from qubes_gpu_share.grant import errors
+from qubes_gpu_share.grant import sim_proto
+from qubes_gpu_share.grant.expected import (DEFAULT_GRANT_ENTRIES,
+                                            RESERVED_GRANT_REFS, DomainKind,
+                                            VirtMode, all_kinds, expected)
+from qubes_gpu_share.grant.open import (BadDeviceSpec, DeviceSpec,
+                                        open_grant_device, parse_spec)
+from qubes_gpu_share.grant.sim import SimGrantDevice, SimulatorLimit
+from qubes_gpu_share.grant.sim import hypervisor as run_hypervisor
+
+_domids = itertools.count(1)
+
+#: (provider kind, consumer kind) pairs the contract runs against.
+KINDS = {
+    "qubes-default": (DomainKind(), DomainKind()),
+    "receive-fixed": (DomainKind(), DomainKind(receive_fix=True)),
+    "pv-dom0-consumer": (DomainKind(), DomainKind(VirtMode.PV)),
+    "stock-debian": (DomainKind(dmabuf_ioctls=False),
+                     DomainKind(dmabuf_ioctls=False)),
+}
+
+
+@pytest.fixture(scope="module")
+def hv(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("hv") / "hv.sock")
+    with run_hypervisor(path):
+        yield path
+
+
+def _memfd(pages: int) -> int:
+    fd = os.memfd_create("sim-dmabuf", os.MFD_CLOEXEC)
+    os.ftruncate(fd, pages * PAGE_SIZE)
+    return fd
+
+
+@pytest.fixture(params=sorted(KINDS))
+def grant_impl(request, hv):
+    provider_kind, consumer_kind = KINDS[request.param]
+    pdom, cdom, stranger = next(_domids), next(_domids), next(_domids)
+    return GrantImpl(
+        open_provider=lambda: SimGrantDevice(hv, pdom, provider_kind),
+        open_consumer=lambda: SimGrantDevice(hv, cdom, consumer_kind),
+        provider_domid=pdom, consumer_domid=cdom, stranger_domid=stranger,
+        provider_kind=provider_kind, consumer_kind=consumer_kind,
+        make_dmabuf=_memfd)
+
+
+@pytest.fixture
+def domains(hv):
+    """Open devices in fresh domains: ``domains(kind=..., **options)``;
+    at the end, the test must have caused no hazard it did not expect."""
+    opened: list[SimGrantDevice] = []
+
+    def open_domain(kind: DomainKind = DomainKind(),
+                    **options) -> SimGrantDevice:
+        opened.append(SimGrantDevice(hv, next(_domids), kind, **options))
+        return opened[-1]
+
+    yield open_domain
+    for device in opened:
+        device.close()
+
+
+@pytest.fixture
+def hazards(hv):
+    """How many hazards the test added (the hypervisor is shared)."""
+    with SimGrantDevice(hv, next(_domids)) as watcher:
+        start = len(watcher.hazards())
+        yield lambda: len(watcher.hazards()) - start
+
+
+def _view_bytes(view, size, at=0):
+    with view.mmap(writable=False) as mm:
+        return bytes(mm[at:at + size])
+
+
+# -- the table of expected behaviour ----------------------------------------
+
+@pytest.mark.parametrize("kind", list(all_kinds()), ids=str)
+def test_simulator_follows_the_expected_table(domains, kind):
+    provider, receiver = domains(), domains(kind)
+    table = expected(kind)
+    fd = _memfd(1)
+    try:
+        if table.grant_dmabuf:
+            with pytest.raises(table.grant_dmabuf.error):
+                receiver.grant_dmabuf(fd, 1, provider.domid)
+        else:
+            receiver.grant_dmabuf(fd, 1, provider.domid).revoke()
+    finally:
+        os.close(fd)
+    with provider.grant_new_pages(1, receiver.domid) as grant:
+        receiver.map_grant(provider.domid, grant.refs).close()
+        if table.receive_dmabuf:
+            with pytest.raises(table.receive_dmabuf.error) as refused:
+                receiver.import_dmabuf(provider.domid, grant.refs)
+            assert refused.value.errno == table.receive_dmabuf.error.errno
+        else:
+            receiver.import_dmabuf(provider.domid, grant.refs).release(1000)
+
+
+def test_measured_defaults():
+    kind = DomainKind()
+    assert (kind.virt_mode, kind.dmabuf_ioctls, kind.receive_fix) == (
+        VirtMode.PVH, True, False)
+    assert expected(kind).receive_dmabuf.error is errors.DmabufReceiveRefused
+    assert expected(DomainKind(dmabuf_ioctls=False)).grant_dmabuf.error \
+        is errors.DmabufNotSupported
+    assert DEFAULT_GRANT_ENTRIES == 64 * 512
+
+
+# -- grant table and maptrack sizes -----------------------------------------
+
+def test_full_grant_table_is_enospc_and_takes_nothing(domains):
+    provider = domains(table_entries=RESERVED_GRANT_REFS + 16)
+    consumer = domains()
+    first = provider.grant_new_pages(10, consumer.domid)
+    with pytest.raises(errors.GrantTableFull) as full:
+        provider.grant_new_pages(7, consumer.domid)
+    assert full.value.errno == 28  # ENOSPC
+    assert provider.stats().table_used == 10
+    last = provider.grant_new_pages(6, consumer.domid)
+    first.revoke()
+    again = provider.grant_new_pages(8, consumer.domid)  # reuses the hole
+    assert set(again.refs) == set(first.refs[:8])
+    last.revoke()
+    again.revoke()
+    assert provider.stats().table_used == 0
+
+
+def test_default_table_is_xens_64_frames(domains):
+    provider, consumer = domains(), domains()
+    assert provider.stats().table_size == 64 * 512 - RESERVED_GRANT_REFS
+    with provider.grant_new_pages(64 * 512 - RESERVED_GRANT_REFS,
+                                  consumer.domid):
+        with pytest.raises(errors.GrantTableFull):
+            provider.grant_new_pages(1, consumer.domid)
+
+
+def test_maptrack_bounds_what_a_domain_maps(domains):
+    provider, consumer = domains(), domains(maptrack_entries=4)
+    with provider.grant_new_pages(3, consumer.domid) as grant:
+        with consumer.map_grant(provider.domid, grant.refs):
+            with pytest.raises(errors.GrantTableFull):
+                consumer.map_grant(provider.domid, grant.refs)
+
+
+# -- hazards and lifetimes --------------------------------------------------
+
+def test_revoke_while_mapped_is_a_hazard_and_defers_the_end(domains,
+                                                            hazards):
+    provider, consumer = domains(), domains()
+    grant = provider.grant_new_pages(2, consumer.domid)
+    mapping = consumer.map_grant(provider.domid, grant.refs)
+    grant.revoke()
+    assert hazards() == 1
+    assert provider.stats().table_used == 2  # the deferred end holds refs
+    with pytest.raises(errors.MapRefused):
+        consumer.map_grant(provider.domid, grant.refs)
+    mapping.close()
+    assert provider.stats().table_used == 0
+
+
+def test_revoke_while_imported_is_a_hazard(domains, hazards):
+    provider, consumer = domains(), domains(DomainKind(receive_fix=True))
+    fd = _memfd(1)
+    grant = provider.grant_dmabuf(fd, 1, consumer.domid)
+    os.close(fd)
+    imported = consumer.import_dmabuf(provider.domid, grant.refs)
+    grant.revoke()
+    assert hazards() == 1
+    imported.release(1000)
+
+
+def test_orderly_release_has_no_hazard(domains, hazards):
+    provider, consumer = domains(), domains(DomainKind(receive_fix=True))
+    with provider.grant_new_pages(1, consumer.domid) as grant:
+        consumer.map_grant(provider.domid, grant.refs).close()
+        consumer.import_dmabuf(provider.domid, grant.refs).release(1000)
+    assert hazards() == 0
+
+
+def test_provider_closing_its_device_ends_its_grants(domains, hazards):
+    provider, consumer = domains(), domains()
+    grant = provider.grant_new_pages(1, consumer.domid)
+    mapping = consumer.map_grant(provider.domid, grant.refs)
+    provider.close()
+    consumer.stats()  # one round trip: the hypervisor has seen the close
+    assert hazards() == 1
+    grant.close()  # no error: the grant ended with the device
+    mapping.close()
+
+
+def test_killed_consumer_loses_its_mappings(domains, hazards, hv):
+    """Like a process that dies with /dev/xen/gntdev open."""
+    provider, consumer = domains(), domains()
+    grant = provider.grant_new_pages(1, consumer.domid)
+    ready, go = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        dev = SimGrantDevice(hv, consumer.domid)
+        dev.map_grant(provider.domid, grant.refs)
+        os.write(go, b"x")
+        os.kill(os.getpid(), 9)
+    os.close(go)
+    assert os.read(ready, 1) == b"x"
+    os.close(ready)
+    assert consumer.stats().mapped_pages == 1
+    os.waitpid(pid, 0)
+    for _ in range(100):
+        if consumer.stats().mapped_pages == 0:
+            break
+    assert consumer.stats().mapped_pages == 0
+    grant.revoke()
+    assert hazards() == 0
+
+
+def test_regranted_export_stays_pinned_until_revoked(domains):
+    provider, consumer = domains(), domains(DomainKind(receive_fix=True))
+    with provider.grant_new_pages(1, consumer.domid) as grant:
+        imported = consumer.import_dmabuf(provider.domid, grant.refs)
+        back = consumer.grant_dmabuf(imported.fd, 1, provider.domid)
+        with pytest.raises(errors.ReleaseTimeout):
+            imported.release(50)  # IMP_TO_REFS holds the dma-buf
+        back.revoke()
+        imported.release(1000)
+
+
+def test_hypervisor_holds_no_fds_after_everything_ends(domains):
+    provider, consumer = domains(), domains(DomainKind(receive_fix=True))
+    baseline = provider.stats().hypervisor_fds
+    fd = _memfd(2)
+    grant = provider.grant_dmabuf(fd, 2, consumer.domid)
+    os.close(fd)
+    mapping = consumer.map_grant(provider.domid, grant.refs, writable=False)
+    imported = consumer.import_dmabuf(provider.domid, grant.refs)
+    assert provider.stats().hypervisor_fds > baseline
+    mapping.close()
+    imported.release(1000)
+    grant.revoke()
+    assert provider.stats().hypervisor_fds == baseline
+
+
+# -- what the simulator refuses on its own terms ---------------------------
+
+def test_only_memfds_and_exports_are_dmabufs(domains):
+    provider, consumer = domains(), domains()
+    readable, writable = os.pipe()
+    try:
+        with pytest.raises(errors.NotGrantable):
+            provider.grant_dmabuf(readable, 1, consumer.domid)
+    finally:
+        os.close(readable)
+        os.close(writable)
+
+
+def test_refs_out_of_page_order_are_a_simulator_limit(domains):
+    provider, consumer = domains(), domains()
+    with provider.grant_new_pages(2, consumer.domid) as grant:
+        with pytest.raises(SimulatorLimit):
+            consumer.map_grant(provider.domid, grant.refs[::-1])
+
+
+def test_a_domain_keeps_its_traits(domains, hv):
+    device = domains()
+    with pytest.raises(sim_proto.ProtocolError):
+        SimGrantDevice(hv, device.domid, DomainKind(VirtMode.PV))
+
+
+def test_no_hypervisor_is_no_grant_device(tmp_path):
+    with pytest.raises(errors.NoGrantDevice):
+        SimGrantDevice(str(tmp_path / "absent.sock"), 1)
+
+
+# -- wire format -------------------------------------------------------------
+
+def test_refs_travel_as_runs():
+    refs = (8, 9, 10, 11, 40, 41, 7)
+    data = sim_proto.encode_refs(refs)
+    assert len(data) == 3 * 8
+    assert sim_proto.expand_runs(sim_proto.decode_runs(data)) == refs
+
+
+@pytest.mark.parametrize("data", [b"", b"\x01\x00\x00\x00",
+                                  sim_proto.encode_runs([(8, 0)])])
+def test_malformed_refs_are_refused(data):
+    with pytest.raises(sim_proto.ProtocolError):
+        sim_proto.decode_runs(data)
+
+
+def test_oversized_frames_are_refused():
+    reader = sim_proto.FrameReader()
+    with pytest.raises(sim_proto.ProtocolError):
+        reader.feed(sim_proto.HEADER.pack(sim_proto.MAX_PAYLOAD + 1, 1))
+    assert sim_proto.decode_runs(sim_proto.encode_runs([(8, 65535)]))
+    with pytest.raises(errors.TooManyPages):
+        sim_proto.decode_runs(sim_proto.encode_runs([(8, 65535), (1, 1)]))
+
+
+# -- choosing the device ---------------------------------------------------
+
+@pytest.mark.parametrize("text, spec", [
+    ("", DeviceSpec()),
+    ("real", DeviceSpec()),
+    ("sim:/run/hv.sock:5", DeviceSpec("/run/hv.sock", 5)),
+    ("sim:/a:b.sock:5:pv,nodmabuf",
+     DeviceSpec("/a:b.sock", 5, DomainKind(VirtMode.PV, False))),
+    ("sim:/x:7:hvm,fix", DeviceSpec("/x", 7, DomainKind(VirtMode.HVM,
+                                                         True, True))),
+])
+def test_device_spec(text, spec):
+    assert parse_spec(text) == spec
+
+
+@pytest.mark.parametrize("text", ["sim", "sim:/x", "sim::5", "gntdev",
+                                  "sim:/x:5:arm", "sim:/x:32752"])
+def test_bad_device_spec(text):
+    with pytest.raises(BadDeviceSpec):
+        parse_spec(text)
+
+
+def test_open_chooses_the_simulator(hv, monkeypatch):
+    monkeypatch.setenv("QUBES_GPU_SHARE_GRANT", f"sim:{hv}:{next(_domids)}")
+    with open_grant_device() as device:
+        assert isinstance(device, SimGrantDevice)
+        assert device.kind == DomainKind()
+
+
+def test_open_real_without_xen_says_so(monkeypatch):
+    if os.path.exists("/dev/xen/gntdev"):
+        pytest.skip("this machine has a real grant device")
+    monkeypatch.delenv("QUBES_GPU_SHARE_GRANT", raising=False)
+    with pytest.raises(errors.NoGrantDevice):
+        open_grant_device()
+
+
+def test_kinds_are_all_distinct():
+    kinds = list(all_kinds())
+    assert len(kinds) == len(set(kinds)) == 12
+    assert dataclasses.replace(DomainKind(), receive_fix=True) in kinds
