@@ -25,6 +25,7 @@ system-deps:
 	@scripts/ensure-system-deps \
 	    gcc:/usr/bin/gcc \
 	    linux-libc-dev:/usr/include/xen/gntdev.h \
+	    libdrm-dev:/usr/include/libdrm/drm_mode.h \
 	    python3-dev:$(PY_INCLUDE)/Python.h \
 	    python3-venv:$(shell $(PYTHON) -c 'import ensurepip,os;print(os.path.dirname(ensurepip.__file__))' 2>/dev/null || echo /nonexistent-ensurepip)
 
