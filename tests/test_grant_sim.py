@@ -215,10 +215,13 @@ def test_killed_consumer_loses_its_mappings(domains, hazards, hv):
     ready, go = os.pipe()
     pid = os.fork()
     if pid == 0:
-        dev = SimGrantDevice(hv, consumer.domid)
-        dev.map_grant(provider.domid, grant.refs)
-        os.write(go, b"x")
-        os.kill(os.getpid(), 9)
+        try:
+            dev = SimGrantDevice(hv, consumer.domid)
+            dev.map_grant(provider.domid, grant.refs)
+            os.write(go, b"x")
+            os.kill(os.getpid(), 9)
+        finally:
+            os._exit(1)
     os.close(go)
     assert os.read(ready, 1) == b"x"
     os.close(ready)

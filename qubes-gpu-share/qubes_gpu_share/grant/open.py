@@ -51,7 +51,7 @@ def parse_spec(text: str) -> DeviceSpec:
     parts = text[len("sim:"):].split(":")
     kind = DomainKind()
     if len(parts) >= 3 and not parts[-1].isdigit():
-        kind = _parse_traits(parts.pop())
+        kind = parse_traits(parts.pop())
     if len(parts) < 2 or not parts[-1].isdigit() or not all(parts[:-1]):
         raise BadDeviceSpec(f"{ENV}={text!r}: expected sim:SOCKET:DOMID")
     domid = int(parts.pop())
@@ -60,7 +60,8 @@ def parse_spec(text: str) -> DeviceSpec:
     return DeviceSpec(":".join(parts), domid, kind)
 
 
-def _parse_traits(text: str) -> DomainKind:
+def parse_traits(text: str) -> DomainKind:
+    """A DomainKind from a comma list such as ``pv,nodmabuf``."""
     kind = DomainKind()
     for word in text.split(","):
         if word in {mode.value for mode in VirtMode}:
