@@ -32,7 +32,7 @@ from .sim_proto import (ANCILLARY_SIZE, EXPORT, GRANT, HELLO, ID, MAP,
                         MAPPED, STATS, STATS_REPLY, STATUS_OK, WAIT,
                         FrameReader, Op, ProtocolError, SimulatorLimit,
                         decode_error, decode_runs, encode_refs, expand_runs,
-                        fds_from_ancillary, frame, rights, split_fixed)
+                        frame, rights, split_fixed)
 
 __all__ = ["SimGrantDevice", "SimStats", "SimulatorLimit", "hypervisor"]
 
@@ -162,19 +162,16 @@ class SimGrantDevice(GrantDevice):
 
 
 def _recv_reply(sock: socket.socket) -> tuple[int, bytes, list[int]]:
-    reader, fds = FrameReader(), []
+    reader = FrameReader()
     try:
         while not reader.done():
-            data, anc, _, _ = sock.recvmsg(reader.wanted(), ANCILLARY_SIZE)
-            fds += fds_from_ancillary(anc)
-            if not data:
+            if not reader.take(*sock.recvmsg(reader.wanted(),
+                                             ANCILLARY_SIZE)[:3]):
                 raise ProtocolError("the simulated hypervisor went away")
-            reader.feed(data)
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        reader.close()
         raise
-    return reader.code, reader.payload(), fds
+    return reader.code, reader.payload(), reader.detach_fds()
 
 
 def _checked_refs(refs: Sequence[int]) -> tuple[int, ...]:

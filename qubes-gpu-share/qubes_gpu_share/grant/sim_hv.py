@@ -35,8 +35,8 @@ from .expected import (DEFAULT_GRANT_ENTRIES, DEFAULT_MAPTRACK_ENTRIES,
 from .sim_proto import (ANCILLARY_SIZE, EXPORT, GRANT, HELLO, ID, MAP,
                         MAPPED, STATS, STATS_REPLY, STATUS_ERROR, STATUS_OK,
                         WAIT, FrameReader, Op, ProtocolError, decode_runs,
-                        encode_error, encode_runs, fds_from_ancillary, frame,
-                        rights, split_fixed)
+                        encode_error, encode_runs, frame, rights,
+                        split_fixed)
 from .sim_tables import (Backing, Domain, Grant, Mapped, end_grant,
                          memfd_pages, resolve_mapping, unmap)
 
@@ -346,28 +346,20 @@ async def _recv_frame(sock: socket.socket
                       ) -> tuple[int, bytes, list[int]] | None:
     """One request with its fds, or None at EOF between frames."""
     loop = asyncio.get_running_loop()
-    reader, fds = FrameReader(), []
+    reader = FrameReader()
     try:
         while not reader.done():
             try:
-                data, anc, flags, _ = sock.recvmsg(reader.wanted(),
-                                                   ANCILLARY_SIZE)
+                received = sock.recvmsg(reader.wanted(), ANCILLARY_SIZE)
             except BlockingIOError:
                 await _readable(loop, sock)
                 continue
-            fds += fds_from_ancillary(anc)
-            if flags & socket.MSG_CTRUNC:
-                raise ProtocolError("too many fds")
-            if not data:
-                if reader.code is not None or fds:
-                    raise ProtocolError("EOF inside a frame")
+            if not reader.take(*received[:3]):
                 return None
-            reader.feed(data)
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        reader.close()
         raise
-    return reader.code, reader.payload(), fds
+    return reader.code, reader.payload(), reader.detach_fds()
 
 
 async def _readable(loop: asyncio.AbstractEventLoop,

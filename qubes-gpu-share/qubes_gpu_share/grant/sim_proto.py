@@ -1,7 +1,7 @@
 """Wire format between simulated grant devices and the simulated hypervisor.
 
-Pure: bytes in, values out, no I/O (the socket module is used only for
-its SCM_RIGHTS constants). One request frame, one reply frame per
+Pure: bytes in, values out, no I/O (the socket and os modules serve
+only SCM_RIGHTS constants and closing fds the reader owns). One request frame, one reply frame per
 operation (a single round trip, like one ioctl). A frame is a 5-byte header
 (payload length, op or status) and a payload; file descriptors ride on the
 first byte with SCM_RIGHTS. Refs travel as runs (first ref, count), so a
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import enum
+import os
 import socket
 import struct
 from collections.abc import Iterable, Sequence
@@ -142,16 +143,31 @@ def split_fixed(untrusted_payload: bytes,
 
 
 class FrameReader:
-    """Assembles one frame from a stream, never reading past its end: the
-    I/O side asks for :meth:`wanted` bytes and feeds what it got."""
+    """Assembles one frame and its fds from a stream, never reading past its
+    end: the I/O side asks for :meth:`wanted` bytes and passes what recvmsg
+    gave to :meth:`take`. Until :meth:`detach_fds`, the reader owns the
+    fds and :meth:`close` closes them."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._need = HEADER.size
+        self._fds: list[int] = []
         self.code: int | None = None
 
     def wanted(self) -> int:
         return self._need - len(self._buf)
+
+    def take(self, data: bytes, ancdata: list, flags: int) -> bool:
+        """Add one recvmsg result; False at EOF before any byte."""
+        self._fds += fds_from_ancillary(ancdata)
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolError("too many fds")
+        if not data:
+            if self._buf or self._fds:
+                raise ProtocolError("EOF inside a frame")
+            return False
+        self.feed(data)
+        return True
 
     def feed(self, data: bytes) -> None:
         self._buf += data
@@ -164,6 +180,14 @@ class FrameReader:
 
     def payload(self) -> bytes:
         return bytes(self._buf[HEADER.size:])
+
+    def detach_fds(self) -> list[int]:
+        fds, self._fds = self._fds, []
+        return fds
+
+    def close(self) -> None:
+        for fd in self.detach_fds():
+            os.close(fd)
 
 
 def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
