@@ -89,6 +89,9 @@ def parse_header(untrusted_header: bytes) -> tuple[int, int]:
 
 def encode_refs(refs: Iterable[int]) -> bytes:
     """Refs as runs of consecutive numbers."""
+    refs = tuple(refs)
+    if refs and refs == tuple(range(refs[0], refs[0] + len(refs))):
+        return _RUN.pack(refs[0], len(refs))  # the usual case, in C
     runs: list[int] = []
     for ref in refs:
         if runs and runs[-2] + runs[-1] == ref:
