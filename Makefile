@@ -49,4 +49,7 @@ clean:
 	find . -name __pycache__ -prune -exec rm -rf {} +
 	find $(SRC) -name '*.so' -delete
 
--include lab/lab.mk
+# Further targets, each kept beside what it builds:
+#   demo.mk (make demo), bench.mk (make bench, make fuzz),
+#   packaging.mk (make install-dom0, install-vm, rpm, deb, man), lab/lab.mk (make xen-lab, xen-test)
+-include demo.mk bench.mk packaging.mk lab/lab.mk
