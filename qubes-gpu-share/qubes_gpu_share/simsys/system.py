@@ -1,0 +1,233 @@
+"""A whole simulated Qubes system: hypervisor, broker, one agent per qube.
+
+Used by ``make demo`` and the end-to-end tests::
+
+    with SimSystem(tmp, [SimQube("sys-gpu", 2, "hvm", ("gpu-share-provider",)),
+                         SimQube("work", 3, services=("gpu-share",))],
+                   policy_files=[...]) as system:
+        ...                                   # talk to system.app_socket("work")
+        assert system.hazards() == []
+
+Each part is a separate process started with the command line a packager
+would use (``python -m qubes_gpu_share.broker`` / ``.agent``), pointed at
+ROOT (see :mod:`.layout`). Nothing here imports the broker or the agent: the
+simulation meets them only through their command lines and sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterable, Sequence
+
+from ..grant.sim import SimGrantDevice, SimStats
+from ..lease import Lease
+from ..names import DOM0
+from ..registry import Registry
+from .layout import Layout, SimQube, build
+from .processes import (SimProcess, SimProcessError, child_env,
+                        python_module)
+
+log = logging.getLogger(__name__)
+
+HYPERVISOR = "hypervisor"
+BROKER = "broker"
+#: The domain id the test harness uses to ask the hypervisor questions; no
+#: simulated qube may have it.
+OBSERVER_DOMID = 0x7FEF
+
+
+class SimSystem:
+    """Build ROOT and run the processes of the simulated system.
+
+    *qubes* describe the qubes (dom0 is implicit unless listed, e.g. to give
+    it features or run its agent). *table_entries* shrinks every simulated
+    grant table (0: Xen's default). *broker_args* / *agent_args* are extra
+    command-line options for those daemons.
+    """
+
+    def __init__(self, root: os.PathLike | str, qubes: Sequence[SimQube],
+                 policy_files: Iterable[os.PathLike | str], *,
+                 table_entries: int = 0, broker_args: Sequence[str] = (),
+                 agent_args: Sequence[str] = (), start_timeout: float = 15.0):
+        if any(q.xid == OBSERVER_DOMID for q in qubes):
+            raise ValueError(f"domain id {OBSERVER_DOMID} is the observer's")
+        self.qubes = {q.name: q for q in qubes}
+        self.layout = build(root, qubes, policy_files)
+        self.processes: dict[str, SimProcess] = {}
+        self._table_entries = table_entries
+        self._broker_args = list(broker_args)
+        self._agent_args = list(agent_args)
+        self._timeout = start_timeout
+        self._observer: SimGrantDevice | None = None
+
+    # -- life ------------------------------------------------------------
+
+    def __enter__(self) -> SimSystem:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Hypervisor, broker, then an agent in every running qube."""
+        self.start_hypervisor()
+        self.start_broker()
+        for qube in self.qubes.values():
+            if qube.agent and qube.running:
+                self.start_agent(qube.name)
+
+    def stop(self) -> None:
+        """Stop everything, agents first and the hypervisor last."""
+        if self._observer is not None:
+            self._observer.close()
+            self._observer = None
+        order = [n for n in self.processes if n not in (BROKER, HYPERVISOR)]
+        for name in [*order, BROKER, HYPERVISOR]:
+            process = self.processes.get(name)
+            if process is not None:
+                process.stop()
+
+    def start_hypervisor(self) -> SimProcess:
+        args = [str(self.layout.hv_socket)]
+        if self._table_entries:
+            args += ["--table-entries", str(self._table_entries)]
+        return self._start(HYPERVISOR,
+                           python_module("qubes_gpu_share.grant.sim",
+                                         "serve", *args),
+                           self.layout.hv_socket)
+
+    def start_broker(self) -> SimProcess:
+        """Start (or restart, after :meth:`kill`) the dom0 broker."""
+        layout = self.layout
+        argv = python_module(
+            "qubes_gpu_share.broker",
+            "--registry", str(layout.registry),
+            "--run-dir", str(layout.run_dir(DOM0)),
+            "--qubes", f"memory:{layout.qubes_file}",
+            "--sim-router", str(layout.root), *self._broker_args)
+        return self._start(BROKER, argv, layout.broker_socket())
+
+    def start_agent(self, qube: str) -> SimProcess:
+        """Start (or restart) the agent of *qube* as that domain."""
+        info = self.qubes[qube]
+        layout = self.layout
+        grant = f"sim:{layout.hv_socket}:{info.xid}:{info.grant_traits()}"
+        argv = python_module(
+            "qubes_gpu_share.agent", "--name", qube,
+            "--run-dir", str(layout.run_dir(qube)),
+            "--services-dir", str(layout.services_dir(qube)),
+            "--grant", grant, "--allocator", "memfd",
+            "--qrexec", f"sim:{layout.root}", *self._agent_args)
+        if qube == DOM0:
+            argv.append("--dom0")
+        return self._start(f"agent-{qube}", argv, layout.agent_socket(qube))
+
+    def _start(self, name: str, argv: list[str], socket) -> SimProcess:
+        old = self.processes.get(name)
+        if old is not None and old.running():
+            raise SimProcessError(f"{name} is already running")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket)  # a crashed process leaves its socket behind
+        process = SimProcess(name, argv, self.layout.log(name), child_env())
+        self.processes[name] = process
+        process.wait_socket(socket, self._timeout)
+        return process
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Crash one process (``broker``, ``agent-QUBE``, ``hypervisor``)."""
+        self.processes[name].kill(sig)
+
+    def agent(self, qube: str) -> SimProcess:
+        return self.processes[f"agent-{qube}"]
+
+    # -- qube life -------------------------------------------------------
+
+    def set_running(self, qube: str, running: bool) -> None:
+        """Start or shut down *qube* in qubes.json (the broker's memory
+        backend follows the file and emits the events Qubes would)."""
+        model = self.layout.read_model()
+        info = self.qubes[qube]
+        model["qubes"] = [info.model_entry(running) if q["name"] == qube
+                          else q for q in model["qubes"]]
+        self.layout.write_model(model)
+
+    def shutdown_qube(self, qube: str, timeout: float = 10.0) -> None:
+        """Shut *qube* down the way Qubes does: the broker hears
+        domain-pre-shutdown/domain-shutdown, revokes the qube's leases, and
+        then the domain (its agent) is gone. Waits (bounded) for the broker
+        to end the leases before the agent dies, as a domain's pages stay
+        until its peers unmapped them on real Xen."""
+        self.set_running(qube, False)
+        self.wait_until(lambda: not self.live_leases(qube), timeout,
+                        f"the broker did not end {qube}'s leases")
+        process = self.processes.get(f"agent-{qube}")
+        if process is not None:
+            process.stop()
+
+    def start_qube(self, qube: str) -> None:
+        self.set_running(qube, True)
+        if self.qubes[qube].agent:
+            self.start_agent(qube)
+
+    # -- observation -----------------------------------------------------
+
+    def app_socket(self, qube: str) -> str:
+        """The application socket of *qube*'s agent (a "qube shell")."""
+        return str(self.layout.app_socket(qube))
+
+    def observer(self) -> SimGrantDevice:
+        """A device of the observer domain, for questions to the
+        hypervisor (hazards, stats of any domain)."""
+        if self._observer is None:
+            self._observer = SimGrantDevice(str(self.layout.hv_socket),
+                                            OBSERVER_DOMID)
+        return self._observer
+
+    def hazards(self) -> list[str]:
+        """Every release-order hazard the hypervisor saw (want: none)."""
+        return self.observer().hazards()
+
+    def grant_stats(self, qube: str) -> SimStats:
+        return self.observer().stats(self.qubes[qube].xid)
+
+    def leases(self, *, live_only: bool = False) -> list[Lease]:
+        """The broker's registry, read from the test's side."""
+        with Registry(str(self.layout.registry)) as registry:
+            return registry.leases(live_only=live_only)
+
+    def live_leases(self, qube: str | None = None) -> list[Lease]:
+        return [lease for lease in self.leases(live_only=True)
+                if qube is None or qube in (lease.consumer, lease.provider)]
+
+    def provider_pages(self, provider: str) -> int:
+        """Pages charged to *provider*'s budget right now."""
+        with Registry(str(self.layout.registry)) as registry:
+            return registry.provider_pages(provider)
+
+    def logs(self) -> dict[str, str]:
+        """Every process's log so far, by process name."""
+        return {name: process.log_text()
+                for name, process in self.processes.items()}
+
+    def log_tails(self, lines: int = 30) -> str:
+        return "\n".join(process.log_tail(lines)
+                         for process in self.processes.values())
+
+    @staticmethod
+    def wait_until(condition, timeout: float, what: str,
+                   interval: float = 0.02) -> None:
+        """Poll *condition* until true; raise TimeoutError(*what*) if not."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} within {timeout:g} s")
+            time.sleep(interval)

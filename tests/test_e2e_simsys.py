@@ -1,0 +1,115 @@
+"""The simulated system's own plumbing: ROOT layout, router, hypervisor.
+
+The end-to-end tests trust these pieces; here each is checked alone,
+without the broker or the agents.
+"""
+
+import asyncio
+import json
+import os
+import pathlib
+
+import pytest
+
+from qubes_gpu_share.qrexec import reply, stream
+from qubes_gpu_share.qrexec.service import SocketServiceServer
+from qubes_gpu_share.qubes.memory import MemoryQubes
+from qubes_gpu_share.simsys import (HYPERVISOR, SimProcessError, SimQube,
+                                    SimSystem, build)
+from qubes_gpu_share.simsys.layout import DOM0_SERVICES, QUBE_SERVICES
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+POLICY = [REPO / "policy" / "60-gpu-share.policy",
+          REPO / "demo" / "policy" / "30-user-gpu-share.policy"]
+QUBES = [SimQube("sys-gpu", 2, "hvm", ("gpu-share-provider",)),
+         SimQube("work", 3, "pvh", ("gpu-share",), tags=("gpu-share",),
+                 kernel=("fix",)),
+         SimQube("untrusted", 4, "pv", ("gpu-share",)),
+         SimQube("halted", 5, running=False)]
+
+
+def test_layout_has_what_qrexec_and_the_agents_read(tmp_path):
+    layout = build(tmp_path, QUBES, POLICY)
+    assert sorted(p.name for p in layout.policy_dir.iterdir()) == \
+        ["30-user-gpu-share.policy", "60-gpu-share.policy"]
+    for service in DOM0_SERVICES:
+        assert os.readlink(layout.rpc_dir("dom0") / service) == \
+            "../run/broker.sock"
+    for service in QUBE_SERVICES:
+        assert (layout.rpc_dir("work") / service).resolve() == \
+            layout.agent_socket("work").resolve()
+    assert sorted(os.listdir(layout.services_dir("sys-gpu"))) == \
+        ["gpu-share-provider"]
+    model = MemoryQubes.from_file(str(layout.qubes_file))
+    assert model.qube("work").xid == 3
+    assert model.qube("untrusted").virt_mode == "pv"
+    assert not model.qube("halted").running
+    assert model.qube("halted").xid == -1
+    assert "gpu-share" in model.qube("work").services
+
+
+@pytest.mark.parametrize("qube", [
+    dict(name="bad name", xid=2), dict(name="x", xid=2, virt_mode="xen"),
+    dict(name="x", xid=0x7FF0), dict(name="x", xid=2, kernel=("magic",))])
+def test_bad_qube_descriptions_are_refused(qube):
+    with pytest.raises(ValueError):
+        SimQube(**qube)
+
+
+def test_duplicate_domain_ids_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="domain ids"):
+        build(tmp_path, [SimQube("a", 2), SimQube("b", 2)], POLICY)
+
+
+def test_router_of_the_layout_applies_the_policy(tmp_path, qrexec):
+    layout = build(tmp_path, QUBES, POLICY)
+
+    async def echo(descriptor, reader, writer):
+        body = await stream.read_to_eof(reader, 1024)
+        writer.write(reply.ok_reply(descriptor.encode() + body))
+
+    async def main():
+        router = layout.router()
+        async with SocketServiceServer(layout.broker_socket(),
+                                       {s: echo for s in DOM0_SERVICES}):
+            allowed = await router.caller("work").call_service(
+                "@adminvm", "qubes.GpuLease+sys-gpu", b"hi", 1024)
+            denied = await router.caller("untrusted").call_service(
+                "@adminvm", "qubes.GpuLease+sys-gpu", b"hi", 1024)
+        return allowed, denied
+
+    allowed, denied = asyncio.run(main())
+    assert allowed == (0, reply.ok_reply(
+        b"qubes.GpuLease+sys-gpu work keyword adminvm\0hi"))
+    assert denied == (126, b"")
+
+
+def test_set_running_rewrites_the_model(tmp_path):
+    system = SimSystem(tmp_path, QUBES, POLICY)
+    system.set_running("work", False)
+    system.set_running("halted", True)
+    entries = {q["name"]: q for q in
+               json.loads(system.layout.qubes_file.read_text())["qubes"]}
+    assert (entries["work"]["running"], entries["work"]["xid"]) == (False, -1)
+    assert (entries["halted"]["running"], entries["halted"]["xid"]) == (True, 5)
+
+
+def test_hypervisor_process_answers_the_observer(tmp_path):
+    system = SimSystem(tmp_path, QUBES, POLICY, table_entries=1024)
+    try:
+        system.start_hypervisor()
+        assert system.hazards() == []
+        stats = system.observer().stats()
+        assert (stats.table_used, stats.table_size, stats.hazards) == \
+            (0, 1024 - 8, 0)  # the first 8 entries are reserved
+    finally:
+        system.stop()
+    assert not system.processes[HYPERVISOR].running()
+
+
+def test_a_process_that_dies_early_is_reported_with_its_log(tmp_path):
+    system = SimSystem(tmp_path, QUBES, POLICY)
+    with pytest.raises(SimProcessError, match="exited with 2"):
+        system._start("bad", ["sh", "-c", "echo broken >&2; exit 2"],
+                      tmp_path / "never.sock")
+    assert "broken" in system.processes["bad"].log_text()
