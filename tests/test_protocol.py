@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qubes_gpu_share import formats, names, protocol as p
+from qubes_gpu_share.lease import State
 from qubes_gpu_share.formats import (
     BLOB, MAX_LEASE_PAGES, MOD_INVALID, BlobSpec, ImageSpec, ReceiveMode,
     layout_for, linear_layout)
@@ -71,7 +72,8 @@ def lease_answers(draw):
 
 
 lease_entries = st.builds(
-    p.LeaseEntry, lease_ids, st.sampled_from(p.Role), qube_names, tokens,
+    p.LeaseEntry, lease_ids, st.sampled_from(p.Role), qube_names,
+    st.sampled_from(State),
     st.integers(1, MAX_LEASE_PAGES), modes, st.integers(0, 2**40))
 
 
@@ -130,7 +132,7 @@ def largest_messages():
     meta = _largest_meta()
     refs = p.GrantRefs.from_ints([2**32 - 1] * MAX_LEASE_PAGES)
     name = "q" * 31
-    entry = p.LeaseEntry(LEASE, p.Role.CONSUMER, name, "r" * 16,
+    entry = p.LeaseEntry(LEASE, p.Role.CONSUMER, name, State.RELEASING,
                          MAX_LEASE_PAGES, ReceiveMode.DMABUF, p.MAX_DEADLINE)
     spec = ImageSpec(16384, 8, "NV12", 2**64 - 2)
     return [

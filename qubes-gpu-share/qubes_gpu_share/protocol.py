@@ -39,6 +39,7 @@ from collections.abc import Iterable, Iterator
 from typing import ClassVar, Union
 
 from . import names
+from .lease import State
 from .formats import (
     BLOB, MAX_LEASE_PAGES, MAX_PLANES, BlobSpec, BufferMeta, BufferSpec,
     ImageSpec, InvalidLayout, Plane, ReceiveMode, check_spec, validate_meta)
@@ -129,19 +130,21 @@ def _check_pattern(what: str, pattern: re.Pattern, value: str) -> str:
     return value
 
 
-def _check_enum(enum_cls: type[enum.Enum], value) -> enum.Enum:
+def _check_enum(enum_cls: type[enum.Enum], value,
+                label: str | None = None) -> enum.Enum:
     try:
         return enum_cls(value)
     except ValueError:
         raise ProtocolError(
-            f"invalid {enum_cls.__name__} {str(value)[:20]!r}") from None
+            f"invalid {label or 'value'} {str(value)[:20]!r}: not a "
+            f"{enum_cls.__name__}") from None
 
 
 def _set_enum(message, name: str, enum_cls: type[enum.Enum]) -> None:
     """Check an enum field of a frozen message and store the enum member,
     so that "cpu" and ReceiveMode.CPU make the same message."""
     object.__setattr__(message, name,
-                       _check_enum(enum_cls, getattr(message, name)))
+                       _check_enum(enum_cls, getattr(message, name), name))
 
 
 def _check_qube(value: str) -> str:
@@ -564,7 +567,7 @@ class LeaseEntry:
     lease: str
     role: Role
     peer: str
-    state: str
+    state: State
     pages: int
     mode: ReceiveMode
     deadline: int
@@ -573,13 +576,13 @@ class LeaseEntry:
         _check_lease(self.lease)
         _set_enum(self, "role", Role)
         _check_qube(self.peer)
-        _check_pattern("state", _TOKEN, self.state)
+        _set_enum(self, "state", State)
         _check_uint("pages", self.pages, MAX_LEASE_PAGES, low=1)
         _set_enum(self, "mode", ReceiveMode)
         _check_uint("deadline", self.deadline, MAX_DEADLINE)
 
     def to_line(self) -> bytes:
-        return (f"{self.lease} {self.role.value} {self.peer} {self.state} "
+        return (f"{self.lease} {self.role.value} {self.peer} {self.state.value} "
                 f"{self.pages} {self.mode.value} {self.deadline}\n"
                 ).encode("ascii")
 
