@@ -14,7 +14,11 @@ import sys
 
 import pytest
 
-_QUBES_PATH = os.environ.get("QUBES_GPU_SHARE_QUBES_PATH", "")
+_VENDOR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "vendor")
+# Set by the Makefile; a bare `pytest` falls back to ../shared/vendor.
+_QUBES_PATH = os.environ.get("QUBES_GPU_SHARE_QUBES_PATH",
+                             os.path.abspath(_VENDOR)
+                             if os.path.isdir(_VENDOR) else "")
 if _QUBES_PATH and _QUBES_PATH not in sys.path:
     sys.path.append(_QUBES_PATH)
 
