@@ -8,8 +8,12 @@ import asyncio
 import json
 import os
 import pathlib
+import struct
+import zlib
 
 import pytest
+
+from qubes_gpu_share.formats import linear_layout
 
 from qubes_gpu_share.qrexec import reply, stream
 from qubes_gpu_share.qrexec.service import SocketServiceServer
@@ -17,6 +21,8 @@ from qubes_gpu_share.qubes.memory import MemoryQubes
 from qubes_gpu_share.simsys import (HYPERVISOR, SimProcessError, SimQube,
                                     SimSystem, build)
 from qubes_gpu_share.simsys.layout import DOM0_SERVICES, QUBE_SERVICES
+from qubes_gpu_share.simsys.pattern import (first_difference, pattern_bytes,
+                                             xr24_png)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 POLICY = [REPO / "policy" / "60-gpu-share.policy",
@@ -113,3 +119,37 @@ def test_a_process_that_dies_early_is_reported_with_its_log(tmp_path):
         system._start("bad", ["sh", "-c", "echo broken >&2; exit 2"],
                       tmp_path / "never.sock")
     assert "broken" in system.processes["bad"].log_text()
+
+
+def test_pattern_fills_the_buffer_and_a_changed_byte_is_found():
+    meta = linear_layout(1920, 1080, "XR24")
+    expected = pattern_bytes(meta, seed=3)
+    assert len(expected) == meta.pages * 4096
+    assert expected[:4] == bytes((16, 235, 16, 255))  # bar 3: green, BGRX
+    assert pattern_bytes(meta, seed=4) != expected
+    seen = bytearray(expected)
+    assert first_difference(seen, expected) is None
+    seen[1_000_003] ^= 0x40
+    assert first_difference(seen, expected) == 1_000_003
+    assert first_difference(seen[:-1], expected) == 1_000_003
+
+
+def test_png_decodes_to_the_pixels_drawn():
+    meta = linear_layout(33, 7, "XR24")  # stride padding: 33 * 4 < 256
+    data = pattern_bytes(meta, seed=1)
+    png = xr24_png(meta, data)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, at = {}, 8
+    while at < len(png):
+        (length,), kind = struct.unpack(">I", png[at:at + 4]), png[at + 4:at + 8]
+        body = png[at + 8:at + 8 + length]
+        assert struct.unpack(">I", png[at + 8 + length:at + 12 + length])[0] \
+            == zlib.crc32(kind + body)
+        chunks[kind] = body
+        at += 12 + length
+    assert struct.unpack(">II", chunks[b"IHDR"][:8]) == (33, 7)
+    raw = zlib.decompress(chunks[b"IDAT"])
+    row = raw[:1 + 33 * 3]
+    blue, green, red = data[0], data[1], data[2]
+    assert row[:4] == bytes((0, red, green, blue))
+    assert len(raw) == 7 * (1 + 33 * 3)
