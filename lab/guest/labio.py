@@ -1,0 +1,147 @@
+"""What the lab's programs in dom0 and the domUs share: result lines on the
+console, commands with timeouts, module loading, xenstore.
+
+Results leave a domain as one line each on its console:
+``LAB-RESULT {"dom": ..., "test": ..., "ok": ..., ...}``. dom0's console is
+the serial log the host reads; a domU's console is logged by xenconsoled in
+dom0, which relays its result lines (lab/guest/dom0.py). The host parses
+them (lab/report.py).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+#: this domain's name in results: "dom0", or the role a domU was given
+DOM = os.environ.get("LAB_DOM", "dom0")
+
+
+def emit(test, ok, **data):
+    """One result line; ``ok`` is True, False, or None (recorded, no verdict)."""
+    line = json.dumps({"dom": DOM, "test": test, "ok": ok, **data},
+                      sort_keys=True, default=str)
+    print("LAB-RESULT " + line, flush=True)
+
+
+def log(msg):
+    print(f"lab[{DOM}]: {msg}", flush=True)
+
+
+def run(cmd, timeout=60, check=True):
+    """Run a command; its output (stdout+stderr) as text."""
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, timeout=timeout)
+    if check and p.returncode:
+        raise RuntimeError(f"{cmd[0]} exited {p.returncode}: {p.stdout.strip()}")
+    return p.stdout
+
+
+def cmdline():
+    """lab.* options from the kernel command line."""
+    opts = {}
+    for word in open("/proc/cmdline").read().split():
+        if word.startswith("lab.") and "=" in word:
+            k, v = word[4:].split("=", 1)
+            opts[k] = v
+    return opts
+
+
+def guest_type():
+    return open("/sys/hypervisor/guest_type").read().strip().lower()
+
+
+def insmod(path):
+    run(["insmod", path])
+
+
+def rmmod(name):
+    run(["rmmod", name])
+
+
+def use_gntdev(variant):
+    """Load xen-gntdev: 'stock' (Debian's, no dma-buf ioctls), 'upstream'
+    (Debian's source with CONFIG_XEN_GNTDEV_DMABUF) or 'fixed' (that plus
+    kernel/0001-*.patch). Replaces whichever is loaded."""
+    if os.path.exists("/sys/module/xen_gntdev"):
+        rmmod("xen_gntdev")
+    if variant == "stock":
+        for ko in open("/lab/load/xen-gntdev").read().split():
+            run(["insmod", ko], check=False)   # dependencies may be loaded
+    else:
+        insmod(f"/lib/modules/lab/{variant}/xen-gntdev.ko")
+    # devtmpfs creates the node; wait for it like udev would
+    deadline = time.monotonic() + 10
+    while not os.path.exists("/dev/xen/gntdev"):
+        if time.monotonic() > deadline:
+            raise RuntimeError("/dev/xen/gntdev did not appear")
+        time.sleep(0.05)
+
+
+def use_udmabuf():
+    if not os.path.exists("/sys/module/udmabuf"):
+        insmod("/lib/modules/lab/upstream/udmabuf.ko")
+
+
+# xenstore: the only channel between dom0 and a domU besides the grants
+# themselves. Values are at most 4096 bytes; long lists are split.
+
+def xs_read(path):
+    return run(["xenstore-read", path], timeout=30).rstrip("\n")
+
+
+def xs_write(path, value):
+    run(["xenstore-write", path, str(value)], timeout=30)
+
+
+def xs_wait(path, timeout):
+    """Poll until path exists; its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        p = subprocess.run(["xenstore-read", path], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True, timeout=30)
+        if p.returncode == 0:
+            return p.stdout.rstrip("\n")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"xenstore {path}: nothing after {timeout} s")
+        time.sleep(0.2)
+
+
+CHUNK = 3000
+
+
+def xs_write_ints(path, values):
+    text = ",".join(map(str, values))
+    chunks = [text[i:i + CHUNK] for i in range(0, len(text), CHUNK)] or [""]
+    for i, c in enumerate(chunks):
+        xs_write(f"{path}/{i}", c)
+    xs_write(f"{path}/n", len(chunks))     # written last: the list is complete
+
+
+def xs_read_ints(path, timeout):
+    n = int(xs_wait(f"{path}/n", timeout))
+    text = "".join(xs_read(f"{path}/{i}") for i in range(n))
+    return [int(v) for v in text.split(",") if v]
+
+
+class Timer:
+    """with Timer() as t: ...; t.ms"""
+
+    def __enter__(self):
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        self.ms = round((time.monotonic() - self.t0) * 1000)
+
+
+def main_guard(fn):
+    """Run fn; any exception becomes a failed result, not a silent hang."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - reported, then exit non-zero
+        import traceback
+        traceback.print_exc()
+        emit("crash", False, error=f"{type(e).__name__}: {e}")
+        sys.exit(1)
