@@ -153,3 +153,33 @@ def test_png_decodes_to_the_pixels_drawn():
     blue, green, red = data[0], data[1], data[2]
     assert row[:4] == bytes((0, red, green, blue))
     assert len(raw) == 7 * (1 + 33 * 3)
+
+
+def test_check_dmabuf_reads_the_pages_behind_an_imported_dmabuf(tmp_path):
+    """What the demo does in dmabuf mode, here without broker or agents."""
+    from qubes_gpu_share.grant.open import parse_traits
+    from qubes_gpu_share.grant.sim import SimGrantDevice
+    from qubes_gpu_share.alloc.memfd import MemfdAllocator
+    meta = linear_layout(64, 64, "XR24")
+    expected = pattern_bytes(meta, seed=2)
+    system = SimSystem(tmp_path, QUBES, POLICY)
+    try:
+        system.start_hypervisor()
+        hv = str(system.layout.hv_socket)
+        provider = SimGrantDevice(hv, 2, parse_traits("hvm"))
+        consumer = SimGrantDevice(hv, 3, parse_traits("pvh,fix"))
+        with MemfdAllocator().allocate(meta.pages * 4096) as buffer:
+            os.pwrite(buffer.fd, expected, 0)
+            grant = provider.grant_dmabuf(buffer.fd, meta.pages, 3)
+            imported = consumer.import_dmabuf(2, grant.refs)
+            assert system.check_dmabuf("work", imported.fd, meta.pages,
+                                       expected) is None
+            assert system.check_dmabuf("work", imported.fd, meta.pages,
+                                       pattern_bytes(meta, 3)) == 0
+            imported.release(1000)
+            grant.revoke()
+        assert system.hazards() == []
+        provider.close()
+        consumer.close()
+    finally:
+        system.stop()

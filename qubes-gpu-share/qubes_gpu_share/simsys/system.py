@@ -23,11 +23,13 @@ import signal
 import time
 from collections.abc import Iterable, Sequence
 
+from ..grant.open import parse_traits
 from ..grant.sim import SimGrantDevice, SimStats
 from ..lease import Lease
 from ..names import DOM0
 from ..registry import Registry
 from .layout import Layout, SimQube, build
+from .pattern import first_difference
 from .processes import (SimProcess, SimProcessError, child_env,
                         python_module)
 
@@ -195,6 +197,28 @@ class SimSystem:
     def hazards(self) -> list[str]:
         """Every release-order hazard the hypervisor saw (want: none)."""
         return self.observer().hazards()
+
+    def check_dmabuf(self, qube: str, fd: int, pages: int,
+                     expected: bytes) -> int | None:
+        """Compare the pages behind a dma-buf fd that *qube* received with
+        *expected* (:func:`.pattern.first_difference`).
+
+        A received dma-buf has no mmap (it is for a GPU driver), so this
+        does what a driver import would: *qube* grants the fd to itself
+        (the simulator maps a re-granted import to the pages it was made
+        of), maps those refs, compares, and undoes both in the safe order.
+        """
+        info = self.qubes[qube]
+        device = SimGrantDevice(str(self.layout.hv_socket), info.xid,
+                                parse_traits(info.grant_traits()))
+        try:
+            with device.grant_dmabuf(fd, pages, info.xid) as grant, \
+                    device.map_grant(info.xid, grant.refs,
+                                     writable=False) as mapping, \
+                    mapping.mmap(writable=False) as pixels:
+                return first_difference(pixels, expected)
+        finally:
+            device.close()
 
     def grant_stats(self, qube: str) -> SimStats:
         return self.observer().stats(self.qubes[qube].xid)
