@@ -1,0 +1,208 @@
+"""The broker's four qrexec socket services.
+
+qubes.GpuLease+PROVIDER, qubes.GpuRelease and qubes.GpuLeases are one-shot:
+the caller writes one message and EOF, the broker answers once. The answer
+follows qrexec/reply.py: ``0\\0`` + the encoded answer message, or
+``1\\0`` + one line ``CODE: message`` when the request is refused (the same
+shape SocketServiceServer uses for a bad descriptor).
+
+qubes.GpuOffer+CONSUMER is a conversation on one connection: the offering
+qube writes an offer-request (no EOF); the broker answers ``0\\0`` +
+export-request (or ``1\\0`` + refusal); the qube writes an export-answer
+(or an error message); the broker delivers the lease to the consumer and
+ends with a lease-answer (or an error message), the status already sent.
+
+Each handler reads with the bound of the message it expects, decodes with
+protocol.py and calls :class:`.core.Broker`. The caller is the descriptor's
+source and nothing else. A bad message gets one refusal and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+from .. import limits, protocol
+from ..names import DOM0
+from ..protocol import (Error, ExportAnswer, ExportRequest, GrantRefs,
+                        LeaseRequest, ListRequest, OfferRequest, Ok,
+                        ReleaseRequest)
+from ..qrexec import reply, stream
+from ..qrexec.descriptor import ServiceDescriptor
+from ..qrexec.service import Handler
+from ..qubes.facts import QubesFactsError
+from .agents import AgentError
+from .core import Broker, Refused
+
+log = logging.getLogger(__name__)
+
+LEASE = "qubes.GpuLease"
+OFFER = "qubes.GpuOffer"
+RELEASE = "qubes.GpuRelease"
+LEASES = "qubes.GpuLeases"
+#: How long an offering qube may take to grant, once asked.
+OFFER_EXPORT_TIMEOUT = 15.0
+_CHUNK = 65536
+
+
+def refusal(code: str, message: str) -> bytes:
+    """A refused call's answer: status 1 and ``CODE: message``."""
+    return reply.error_reply(f"{code}: {message}")
+
+
+async def read_frame(reader: asyncio.StreamReader, max_len: int) -> bytes:
+    """One protocol message from a stream that stays open (the offer),
+    bounded by ``max_len``; nothing may follow it before our answer."""
+    untrusted_data = b""
+    while True:
+        end = protocol.frame_length(untrusted_data)
+        if end is not None:
+            if end != len(untrusted_data):
+                raise protocol.ProtocolError("data after the message")
+            return untrusted_data
+        if len(untrusted_data) >= max_len:
+            raise protocol.ProtocolError(f"message over {max_len} bytes")
+        chunk = await reader.read(min(_CHUNK, max_len - len(untrusted_data)))
+        if not chunk:
+            raise protocol.ProtocolError("end of input inside a message")
+        untrusted_data += chunk
+
+
+class BrokerServices:
+    """Handlers for :class:`qrexec.service.SocketServiceServer`."""
+
+    def __init__(self, broker: Broker):
+        self.broker = broker
+
+    def handlers(self) -> dict[str, Handler]:
+        return {LEASE: self.gpu_lease, OFFER: self.gpu_offer,
+                RELEASE: self.gpu_release, LEASES: self.gpu_leases}
+
+    def dom0_handlers(self) -> dict[str, Handler]:
+        """For dom0-agent.sock: the caller is dom0 whatever it writes, and
+        is refused unless the admin opted dom0 in."""
+        def as_dom0(handler: Handler) -> Handler:
+            async def wrapped(descriptor, reader, writer):
+                if not self._dom0_allowed():
+                    writer.write(refusal("dom0-not-allowed", "dom0 takes "
+                                         f"part only with feature "
+                                         f"{limits.DOM0_OPT_IN}=1 on dom0"))
+                    return
+                await handler(dataclasses.replace(descriptor, source=DOM0),
+                              reader, writer)
+            return wrapped
+        return {name: as_dom0(h) for name, h in self.handlers().items()}
+
+    async def gpu_lease(self, descriptor: ServiceDescriptor, reader,
+                        writer) -> None:
+        async def serve(request: LeaseRequest):
+            return await self.broker.lease(descriptor.source,
+                                           descriptor.argument, request)
+        await self._one_shot(descriptor, reader, writer, LeaseRequest, serve)
+
+    async def gpu_release(self, descriptor: ServiceDescriptor, reader,
+                          writer) -> None:
+        async def serve(request: ReleaseRequest):
+            await self.broker.release(descriptor.source, request.lease)
+            return Ok()
+        await self._one_shot(descriptor, reader, writer, ReleaseRequest,
+                             serve, no_argument=True)
+
+    async def gpu_leases(self, descriptor: ServiceDescriptor, reader,
+                         writer) -> None:
+        async def serve(_request: ListRequest):
+            return self.broker.leases_of(descriptor.source)
+        await self._one_shot(descriptor, reader, writer, ListRequest, serve,
+                             no_argument=True)
+
+    async def _one_shot(self, descriptor, reader, writer, expected, serve, *,
+                        no_argument: bool = False) -> None:
+        try:
+            if no_argument and descriptor.argument:
+                raise Refused("malformed", f"{descriptor.service} takes no "
+                              "argument")
+            untrusted_body = await stream.read_to_eof(
+                reader, protocol.max_size_for(expected))
+            request = protocol.decode(untrusted_body, expected)
+            answer = await serve(request)
+        except (protocol.ProtocolError, stream.StreamError) as exc:
+            self._refuse(writer, descriptor, "malformed", str(exc))
+        except Refused as exc:
+            self._refuse(writer, descriptor, exc.code, exc.message)
+        else:
+            writer.write(reply.ok_reply(protocol.encode(answer)))
+
+    async def gpu_offer(self, descriptor: ServiceDescriptor, reader,
+                        writer) -> None:
+        turns = _OfferTurns(reader, writer)
+        try:
+            untrusted_body = await read_frame(
+                reader, protocol.max_size_for(OfferRequest))
+            request = protocol.decode(untrusted_body, OfferRequest)
+            answer = await self.broker.offer(descriptor.source,
+                                             descriptor.argument, request,
+                                             turns.export)
+        except protocol.ProtocolError as exc:
+            turns.refuse(self._log(descriptor, "malformed", str(exc)))
+        except Refused as exc:
+            turns.refuse(self._log(descriptor, exc.code, exc.message))
+        else:
+            writer.write(protocol.encode(answer))
+
+    def _dom0_allowed(self) -> bool:
+        try:
+            dom0 = self.broker.facts.qube(DOM0)
+            return limits.global_settings(dom0.features).dom0_allowed
+        except (QubesFactsError, limits.SettingError, AttributeError):
+            return False
+
+    def _refuse(self, writer, descriptor, code: str, message: str) -> None:
+        writer.write(refusal(*self._log(descriptor, code, message)))
+
+    @staticmethod
+    def _log(descriptor: ServiceDescriptor, code: str,
+             message: str) -> tuple[str, str]:
+        log.warning("%s from %s refused: %s: %s",
+                    descriptor.service_with_arg, descriptor.source, code,
+                    message)
+        return code, protocol.one_line(message)
+
+
+class _OfferTurns:
+    """The offering side of an offer connection, as the broker's exporter."""
+
+    def __init__(self, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter):
+        self._reader = reader
+        self._writer = writer
+        self._status_sent = False
+
+    async def export(self, request: ExportRequest) -> GrantRefs:
+        self._writer.write(reply.ok_reply(protocol.encode(request)))
+        self._status_sent = True
+        try:
+            await self._writer.drain()
+            untrusted_answer = await asyncio.wait_for(
+                read_frame(self._reader, protocol.max_size_for(
+                    ExportAnswer, refs=request.meta.pages)),
+                OFFER_EXPORT_TIMEOUT)
+            answer = protocol.decode(untrusted_answer, ExportAnswer, Error)
+        except asyncio.TimeoutError:
+            raise AgentError("timeout", "the offering qube did not grant in "
+                             f"{OFFER_EXPORT_TIMEOUT:g} s") from None
+        except (protocol.ProtocolError, ConnectionError) as exc:
+            raise AgentError("bad-answer", protocol.one_line(exc)) from None
+        if isinstance(answer, Error):
+            raise AgentError(answer.code, answer.message, answered=True)
+        try:
+            return answer.check_pages(request.meta.pages).refs
+        except protocol.ProtocolError as exc:
+            raise AgentError("bad-answer", str(exc)) from None
+
+    def refuse(self, code_message: tuple[str, str]) -> None:
+        code, message = code_message
+        if self._status_sent:
+            self._writer.write(protocol.encode(Error.of(code, message)))
+        else:
+            self._writer.write(refusal(code, message))
