@@ -1,0 +1,183 @@
+"""The broker's qrexec socket services over real Unix sockets, with the
+descriptors qrexec writes: answers, refusals, and no state change on bad
+input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from qubes_gpu_share import protocol
+from qubes_gpu_share.broker.services import BrokerServices
+from qubes_gpu_share.formats import BlobSpec, ReceiveMode
+from qubes_gpu_share.protocol import (
+    ExportAnswer, ExportRequest, GrantRefs, LeaseAnswer, LeaseList,
+    LeaseRequest, ListRequest, OfferRequest, Ok, ReleaseRequest)
+from qubes_gpu_share.qrexec import reply
+from qubes_gpu_share.qrexec.descriptor import ServiceDescriptor
+from qubes_gpu_share.qrexec.service import SocketServiceServer
+
+from test_broker_support import make_broker
+
+REQUEST = protocol.encode(LeaseRequest(BlobSpec(8192), ReceiveMode.CPU, 60))
+
+
+async def _call(path, source, service, arg, *chunks, eof=True):
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(ServiceDescriptor(service, arg, source, "keyword",
+                                   "adminvm").encode())
+    for chunk in chunks:
+        writer.write(chunk)
+    if eof:
+        writer.write_eof()
+    out = await reader.read()
+    writer.close()
+    return out
+
+
+def _serve(tmp_path, scenario, *, dom0=False):
+    broker, model, agents, clock = make_broker(tmp_path)
+    services = BrokerServices(broker)
+    path = str(tmp_path / "broker.sock")
+
+    async def main():
+        handlers = services.dom0_handlers() if dom0 else services.handlers()
+        async with SocketServiceServer(path, handlers):
+            return await scenario(path, broker, model)
+    return asyncio.run(main()), broker
+
+
+def _answer(out, *expected):
+    return protocol.decode(reply.parse_reply(out), *expected)
+
+
+def test_lease_list_release_over_the_socket(tmp_path):
+    async def scenario(path, broker, model):
+        answer = _answer(await _call(path, "work", "qubes.GpuLease",
+                                     "sys-gpu", REQUEST), LeaseAnswer)
+        listed = _answer(await _call(path, "work", "qubes.GpuLeases", "",
+                                     protocol.encode(ListRequest())),
+                         LeaseList)
+        assert [e.lease for e in listed.leases] == [answer.lease]
+        done = _answer(await _call(path, "work", "qubes.GpuRelease", "",
+                                   protocol.encode(ReleaseRequest(
+                                       answer.lease))), Ok)
+        return answer, done
+
+    (answer, _done), broker = _serve(tmp_path, scenario)
+    assert answer.provider == "sys-gpu" and len(answer.refs) == 2
+    assert broker.registry.get(answer.lease).state.value == "released"
+
+
+BAD_LEASE_CALLS = [
+    ("garbage", "sys-gpu", b"hello"),
+    ("oversized", "sys-gpu", REQUEST + b"x" * 2000),
+    ("trailing", "sys-gpu", REQUEST + b"x"),
+    ("wrong type", "sys-gpu", protocol.encode(ListRequest())),
+    ("bad argument", "sys+gpu", REQUEST),
+    ("no argument", "", REQUEST),
+    ("self", "work", REQUEST),
+    ("truncated", "sys-gpu", REQUEST[:-3]),
+]
+
+
+@pytest.mark.parametrize("what, arg, body", BAD_LEASE_CALLS,
+                         ids=[c[0] for c in BAD_LEASE_CALLS])
+def test_bad_lease_calls_get_one_refusal_and_change_nothing(
+        tmp_path, what, arg, body):
+    async def scenario(path, broker, model):
+        return await _call(path, "work", "qubes.GpuLease", arg, body)
+
+    out, broker = _serve(tmp_path, scenario)
+    with pytest.raises(reply.ServiceRefused) as refused:
+        reply.parse_reply(out)
+    assert out.count(b"\n") <= 1 and ": " in str(refused.value)
+    assert broker.registry.leases() == []
+
+
+def test_release_and_list_refuse_other_qubes_leases(tmp_path):
+    async def scenario(path, broker, model):
+        answer = _answer(await _call(path, "work", "qubes.GpuLease",
+                                     "sys-gpu", REQUEST), LeaseAnswer)
+        out = await _call(path, "personal", "qubes.GpuRelease", "",
+                          protocol.encode(ReleaseRequest(answer.lease)))
+        listed = _answer(await _call(path, "personal", "qubes.GpuLeases",
+                                     "", protocol.encode(ListRequest())),
+                         LeaseList)
+        arg = await _call(path, "work", "qubes.GpuRelease", "x",
+                          protocol.encode(ReleaseRequest(answer.lease)))
+        return answer, out, listed, arg
+
+    (answer, out, listed, arg), broker = _serve(tmp_path, scenario)
+    with pytest.raises(reply.ServiceRefused, match="unknown-lease"):
+        reply.parse_reply(out)
+    with pytest.raises(reply.ServiceRefused, match="malformed"):
+        reply.parse_reply(arg)
+    assert listed.leases == ()
+    assert broker.registry.get(answer.lease).state.value == "active"
+
+
+async def _offer(path, source, consumer, answer_export):
+    """The offering qube's side of the conversation."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(ServiceDescriptor("qubes.GpuOffer", consumer, source,
+                                   "keyword", "adminvm").encode())
+    writer.write(protocol.encode(OfferRequest(BlobSpec(8192), 60)))
+    status = await reader.readexactly(2)
+    if status != reply.OK_PREFIX:
+        return status + await reader.read(), None
+    header = await reader.readuntil(b"\n\n")
+    request = protocol.decode(header, ExportRequest)
+    writer.write(answer_export(request))
+    out = await reader.read()
+    writer.close()
+    return out, request
+
+
+def test_offer_conversation(tmp_path):
+    async def scenario(path, broker, model):
+        return await _offer(path, "work", "personal", lambda r: protocol.encode(
+            ExportAnswer(GrantRefs.from_ints(range(r.meta.pages)))))
+
+    (out, request), broker = _serve(tmp_path, scenario)
+    answer = protocol.decode(out, LeaseAnswer)
+    assert answer.lease == request.lease and request.consumer == "personal"
+    assert broker.registry.get(answer.lease).state.value == "active"
+
+
+def test_offer_with_a_bad_export_answer_fails_cleanly(tmp_path):
+    async def scenario(path, broker, model):
+        return await _offer(path, "work", "personal",
+                            lambda r: protocol.encode(ExportAnswer(
+                                GrantRefs.from_ints(range(5)))))
+
+    (out, _request), broker = _serve(tmp_path, scenario)
+    error = protocol.decode(out, protocol.Error)
+    assert error.code == "export-failed"
+    (lease,) = broker.registry.leases()
+    assert lease.state.value == "failed"
+
+
+def test_offer_refused_before_export(tmp_path):
+    async def scenario(path, broker, model):
+        return await _offer(path, "personal", "work", None)
+
+    (out, request), broker = _serve(tmp_path, scenario)
+    assert request is None and out.startswith(reply.ERROR_PREFIX)
+    assert b"service-disabled" in out and broker.registry.leases() == []
+
+
+def test_dom0_socket_refuses_unless_opted_in(tmp_path):
+    async def scenario(path, broker, model):
+        first = await _call(path, "work", "qubes.GpuLeases", "",
+                            protocol.encode(ListRequest()))
+        model.set_feature("dom0", "gpu-share-dom0", "1")
+        second = await _call(path, "work", "qubes.GpuLeases", "",
+                             protocol.encode(ListRequest()))
+        return first, second
+
+    (first, second), _broker = _serve(tmp_path, scenario, dom0=True)
+    with pytest.raises(reply.ServiceRefused, match="dom0-not-allowed"):
+        reply.parse_reply(first)
+    assert _answer(second, LeaseList).leases == ()
