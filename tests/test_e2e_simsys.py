@@ -183,3 +183,28 @@ def test_check_dmabuf_reads_the_pages_behind_an_imported_dmabuf(tmp_path):
         consumer.close()
     finally:
         system.stop()
+
+
+def test_follow_model_turns_file_changes_into_qube_events(tmp_path):
+    from qubes_gpu_share.qubes.info import EventKind
+    from qubes_gpu_share.simsys.follow import follow_model
+    system = SimSystem(tmp_path, QUBES, POLICY)
+    model = MemoryQubes.from_file(str(system.layout.qubes_file))
+
+    async def main():
+        events = model.events()
+        task = asyncio.create_task(
+            follow_model(model, system.layout.qubes_file, interval=0.01))
+        await asyncio.sleep(0.05)
+        system.set_running("work", False)
+        system.set_running("halted", True)
+        seen = [await asyncio.wait_for(events.__anext__(), 5)
+                for _ in range(3)]
+        task.cancel()
+        return [(e.kind, e.qube) for e in seen]
+
+    assert asyncio.run(main()) == [(EventKind.PRE_SHUTDOWN, "work"),
+                                   (EventKind.SHUTDOWN, "work"),
+                                   (EventKind.START, "halted")]
+    assert not model.qube("work").running
+    assert model.qube("halted").xid == 5

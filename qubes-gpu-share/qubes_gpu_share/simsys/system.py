@@ -131,7 +131,9 @@ class SimSystem:
             "--qrexec", f"sim:{layout.root}", *self._agent_args)
         if qube == DOM0:
             argv.append("--dom0")
-        return self._start(f"agent-{qube}", argv, layout.agent_socket(qube))
+        # app.sock comes up after the service socket (agent.sock, or
+        # dom0-agent-service.sock for dom0's agent)
+        return self._start(f"agent-{qube}", argv, layout.app_socket(qube))
 
     def _start(self, name: str, argv: list[str], socket) -> SimProcess:
         old = self.processes.get(name)
