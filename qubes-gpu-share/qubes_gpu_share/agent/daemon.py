@@ -1,0 +1,228 @@
+"""The agent: one object tying both roles, the broker link and the sockets.
+
+dom0's calls (services.py) and applications' requests (appserver.py) end
+here; the provider and consumer halves (provider.py, consumer.py) hold the
+buffers. The roles follow the qube's Qubes services: ``gpu-share`` (consumer)
+and ``gpu-share-provider`` (provider), read at each request so that the
+admin's ``qvm-service`` toggles apply without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+
+from ..alloc import Allocator, adopt
+from ..formats import ReceiveMode, layout_for
+from ..grant.device import GrantDevice
+from ..grant.errors import GrantError
+from ..protocol import (Error, ExportAnswer, ExportRequest, LeaseAnswer,
+                        LeaseEntry, LeaseRequest, OfferRequest, Ok,
+                        RevokeAnswer, Role)
+from .appproto import LeaseInfo, LeaseReq, OfferReq
+from .broker_link import BrokerLink, BrokerRefused
+from .consumer import Consumer, Received
+from .provider import Provided, Provider
+
+log = logging.getLogger(__name__)
+
+SERVICE_FOR_ROLE = {Role.CONSUMER: "gpu-share",
+                    Role.PROVIDER: "gpu-share-provider"}
+
+
+class AgentError(Exception):
+    """A request the agent refuses; ``code`` as in protocol Error codes."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Roles:
+    """Which roles the qube's services enable: QubesDB's live value when
+    ``qubesdb`` is set and answers, else the boot-time file."""
+
+    def __init__(self, services_dir: str | os.PathLike,
+                 qubesdb: str | None = None):
+        self._dir = pathlib.Path(services_dir)
+        self._qubesdb = qubesdb
+
+    @classmethod
+    def with_qubesdb(cls, services_dir: str | os.PathLike) -> Roles:
+        return cls(services_dir, shutil.which("qubesdb-read"))
+
+    def enabled(self, role: Role) -> bool:
+        service = SERVICE_FOR_ROLE[role]
+        if self._qubesdb:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                result = subprocess.run(
+                    [self._qubesdb, f"/qubes-service/{service}"],
+                    capture_output=True, timeout=5, check=False)
+                if result.returncode == 0:
+                    return result.stdout.strip() == b"1"
+        return (self._dir / service).exists()
+
+
+class Agent:
+    """Both roles of one qube's agent."""
+
+    def __init__(self, name: str, device: GrantDevice,
+                 allocator: Allocator | None, link: BrokerLink, roles: Roles):
+        self.name = name
+        self.roles = roles
+        self.link = link
+        self.provider = Provider(device, allocator)
+        self.consumer = Consumer(device, self._notify_revoke)
+        self._allocator = allocator
+        #: set by the app server: notify(connection, lease)
+        self.notify_app = lambda connection, lease: None
+
+    def _notify_revoke(self, connection: object, lease: str) -> None:
+        self.notify_app(connection, lease)
+
+    def _require(self, role: Role) -> None:
+        if not self.roles.enabled(role):
+            raise AgentError("role-disabled", f"this qube's "
+                             f"{SERVICE_FOR_ROLE[role]} service is off")
+
+    # -- what dom0 asks (services.py) -------------------------------------
+
+    def export(self, request: ExportRequest) -> ExportAnswer | Error:
+        if not self.roles.enabled(Role.PROVIDER):
+            return Error("role-disabled", "this qube does not provide")
+        return self.provider.export(request)
+
+    def deliver(self, answer: LeaseAnswer) -> Ok | Error:
+        if not self.roles.enabled(Role.CONSUMER):
+            return Error("role-disabled", "this qube does not receive")
+        try:
+            self.consumer.receive(answer)
+        except GrantError as exc:
+            log.warning("lease %s from %s: cannot receive: %s", answer.lease,
+                        answer.provider, exc)
+            return Error.of("receive-failed", str(exc))
+        return Ok()
+
+    async def revoke(self, lease: str, role: Role) -> RevokeAnswer:
+        if role is Role.PROVIDER:
+            return self.provider.revoke(lease)
+        return await self.consumer.revoke(lease)
+
+    # -- what applications ask (appserver.py) -----------------------------
+
+    async def lease(self, request: LeaseReq,
+                    holder: object) -> tuple[int, LeaseInfo]:
+        self._require(Role.CONSUMER)
+        answer = await self.link.lease(
+            request.provider,
+            LeaseRequest(request.spec, request.mode, request.ttl))
+        try:
+            received = self.consumer.receive(answer, holder)
+        except GrantError as exc:
+            log.warning("lease %s from %s: cannot map: %s", answer.lease,
+                        answer.provider, exc)
+            with contextlib.suppress(BrokerRefused):
+                await self.link.release(answer.lease)
+            raise AgentError("receive-failed", str(exc)) from None
+        return received.hand_out()
+
+    async def offer(self, request: OfferReq, fd: int, owner: object) -> str:
+        """Offer the application's buffer (``fd``, owned by this call)."""
+        try:
+            self._require(Role.PROVIDER)
+            allocation = self._adopt(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+        if allocation.pages != layout_for(request.spec).pages:
+            allocation.close()
+            raise AgentError("size", "the buffer's size does not match its "
+                             "description")
+        exported = []
+
+        def export(export_request: ExportRequest) -> ExportAnswer | Error:
+            exported.append(export_request.lease)
+            return self.provider.export(export_request, allocation, owner)
+
+        try:
+            answer = await self.link.offer(
+                request.consumer, OfferRequest(request.spec, request.ttl),
+                export)
+        finally:
+            if not exported:
+                allocation.close()
+        return answer.lease
+
+    def _adopt(self, fd: int):
+        allocation = adopt(fd)
+        adopt_memfd = getattr(self._allocator, "adopt_memfd", None)
+        if allocation.kind == "adopted-memfd" and adopt_memfd is not None:
+            try:
+                return adopt_memfd(allocation.fd)
+            finally:
+                allocation.close()
+        return allocation
+
+    async def next(self, role: Role, timeout: int,
+                   holder: object) -> tuple[int, LeaseInfo]:
+        """The next buffer offered to us, or exported by us (to draw in)."""
+        self._require(role)
+        queue = (self.consumer.delivered if role is Role.CONSUMER
+                 else self.provider.exported)
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), timeout or None)
+            except asyncio.TimeoutError:
+                raise AgentError("timeout", f"nothing arrived in "
+                                 f"{timeout}s") from None
+            if isinstance(item, Received):
+                if self.consumer.get(item.lease) is item:
+                    item.holder = holder
+                    return item.hand_out()
+            elif self.provider.get(item.lease) is item:
+                return self._provided_info(item)
+
+    @staticmethod
+    def _provided_info(provided: Provided) -> tuple[int, LeaseInfo]:
+        request = provided.request
+        fd, offset, length = provided.dup_fd()
+        return fd, LeaseInfo(request.lease, Role.PROVIDER, request.consumer,
+                             ReceiveMode.CPU, request.meta, 0, offset,
+                             length)
+
+    async def list(self) -> tuple[LeaseEntry, ...]:
+        return (await self.link.list()).leases
+
+    async def release(self, lease: str, holder: object) -> None:
+        """An application lets go of a lease it holds or offered."""
+        received = self.consumer.get(lease)
+        provided = self.provider.get(lease)
+        if received is not None and received.holder is holder:
+            if not await self.consumer.let_go(lease):
+                raise AgentError("busy", "a copy of the dma-buf is still "
+                                 "open")
+        elif provided is None or provided.owner is not holder:
+            raise AgentError("not-yours", f"lease {lease} is not held by "
+                             f"this connection")
+        await self.link.release(lease)
+
+    async def connection_closed(self, holder: object) -> None:
+        """Every lease an application held or offered ends with it."""
+        for lease in (self.consumer.held_by(holder)
+                      + self.provider.owned_by(holder)):
+            try:
+                await self.release(lease, holder)
+            except (AgentError, BrokerRefused) as exc:
+                log.warning("lease %s: release after the application went "
+                            "away: %s", lease, exc)
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.provider.close()
+

@@ -1,0 +1,195 @@
+"""The library applications use to get and give buffers (blocking, simple).
+
+    from qubes_gpu_share import client
+    with client.Client() as agent:
+        buf = agent.lease("sys-gpu", width=1920, height=1080, fourcc="XR24")
+        with buf.mmap() as pixels:          # cpu mode
+            ...
+        buf.close()                         # releases the lease
+
+It talks to this qube's agent over ``/run/qubes-gpu-share/app.sock``
+(agent/appproto.py has the messages). One request at a time per
+:class:`Client`; the agent may send a revoke notice at any time, which the
+client collects in :attr:`Client.revoked`: a program should then stop using
+that buffer and close it. Closing the client (or the process dying) releases
+every lease it holds.
+"""
+
+from __future__ import annotations
+
+import array
+import mmap
+import os
+import socket
+from typing import Any
+
+from .agent import appproto
+from .agent.appproto import LeaseInfo
+from .formats import BLOB, BlobSpec, ImageSpec, ReceiveMode
+from .protocol import LeaseEntry, Role
+
+APP_SOCKET = "/run/qubes-gpu-share/app.sock"
+ENV_SOCKET = "QUBES_GPU_SHARE_APP_SOCKET"
+
+
+#: the reply kind of each request whose reply is named differently
+_REPLY_TO = {"next": "lease"}
+
+
+class ClientError(Exception):
+    """The agent refused; ``code`` for programs, ``str()`` one line."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class LeasedBuffer:
+    """A buffer this program holds: the fd and what it is."""
+
+    def __init__(self, client: Client, fd: int, info: LeaseInfo):
+        self._client = client
+        self.fd = fd
+        self.info = info
+
+    lease = property(lambda self: self.info.lease)
+    mode = property(lambda self: self.info.mode)
+    meta = property(lambda self: self.info.meta)
+
+    def mmap(self, writable: bool = True) -> mmap.mmap:
+        """Map the pages (cpu mode; a dmabuf-mode fd has no mmap)."""
+        if self.info.mode is ReceiveMode.DMABUF \
+                and self.info.role is Role.CONSUMER:
+            raise ClientError("mode", "a dmabuf-mode buffer has no CPU "
+                              "mapping; import it into the GPU driver")
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return mmap.mmap(self.fd, self.info.length, mmap.MAP_SHARED, prot,
+                         offset=self.info.offset)
+
+    def close(self, release: bool = True) -> None:
+        """Close the fd (unmap first) and release the lease (consumer)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            if release and self.info.role is Role.CONSUMER:
+                self._client.release(self.lease)
+
+    def __enter__(self) -> LeasedBuffer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _spec(width, height, fourcc, nbytes, modifier):
+    if nbytes is not None:
+        return BlobSpec(nbytes)
+    return ImageSpec(width, height, fourcc or "XR24", modifier)
+
+
+class Client:
+    """A connection to this qube's agent."""
+
+    def __init__(self, path: str | None = None):
+        path = path or os.environ.get(ENV_SOCKET, APP_SOCKET)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._sock.connect(path)
+        except OSError as exc:
+            self._sock.close()
+            raise ClientError("no-agent", f"cannot reach the agent at "
+                              f"{path}: {exc}") from None
+        #: leases the agent said dom0 revokes (let go of them)
+        self.revoked: set[str] = set()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _request(self, obj: dict[str, Any], fd: int | None = None
+                 ) -> tuple[dict[str, Any], int | None]:
+        rights = [] if fd is None else [
+            (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+        self._sock.sendmsg([appproto.encode(obj)], rights)
+        while True:
+            reply, fds = self._receive()
+            if reply.get("event") == "revoke":
+                self.revoked.add(str(reply.get("lease")))
+                continue
+            if reply.get("reply") == "error":
+                raise ClientError(str(reply.get("code")),
+                                  str(reply.get("message")))
+            if reply.get("reply") != _REPLY_TO.get(obj["op"], obj["op"]):
+                raise ClientError("protocol", "unexpected answer from the "
+                                  "agent")
+            return reply, (fds[0] if fds else None)
+
+    def _receive(self) -> tuple[dict[str, Any], list[int]]:
+        fds = array.array("i")
+        data, ancdata, _flags, _ = self._sock.recvmsg(
+            appproto.MAX_REPLY, socket.CMSG_SPACE(fds.itemsize))
+        if not data:
+            raise ClientError("no-agent", "the agent closed the connection")
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % 4])
+        return appproto.load_object(data, appproto.MAX_REPLY), list(fds)
+
+    def _buffer(self, reply: dict[str, Any], fd: int | None) -> LeasedBuffer:
+        if fd is None:
+            raise ClientError("protocol", "the agent sent no fd")
+        try:
+            return LeasedBuffer(self, fd, LeaseInfo.from_reply(reply))
+        except appproto.AppProtocolError:
+            os.close(fd)
+            raise
+
+    def lease(self, provider: str, *, width: int | None = None,
+              height: int | None = None, fourcc: str | None = None,
+              nbytes: int | None = None, modifier: int = 0,
+              mode: ReceiveMode | str = ReceiveMode.CPU,
+              ttl: int = appproto.DEFAULT_TTL) -> LeasedBuffer:
+        """A new buffer from ``provider`` (pull)."""
+        spec = _spec(width, height, fourcc, nbytes, modifier)
+        return self._buffer(*self._request(
+            {"op": "lease", "provider": provider,
+             "mode": ReceiveMode(mode).value, "ttl": ttl,
+             **appproto.spec_fields(spec)}))
+
+    def offer(self, consumer: str, fd: int, *, width: int | None = None,
+              height: int | None = None, fourcc: str | None = None,
+              nbytes: int | None = None, modifier: int = 0,
+              ttl: int = appproto.DEFAULT_TTL) -> str:
+        """Offer the buffer ``fd`` (a memfd or dma-buf of exactly the
+        layout's pages) to ``consumer``; returns the lease id. The fd is
+        sent, not taken: close yours when you like."""
+        if fourcc == BLOB:
+            fourcc = None
+        spec = _spec(width, height, fourcc, nbytes, modifier)
+        reply, _ = self._request({"op": "offer", "consumer": consumer,
+                                  "ttl": ttl, **appproto.spec_fields(spec)},
+                                 fd)
+        return str(reply["lease"])
+
+    def incoming(self, timeout: int = 0) -> LeasedBuffer:
+        """The next buffer another qube offered to us (0: wait forever)."""
+        return self._buffer(*self._request(
+            {"op": "next", "role": "consumer", "timeout": timeout}))
+
+    def exported(self, timeout: int = 0) -> LeasedBuffer:
+        """The next buffer this qube exports for a pull (to draw into)."""
+        return self._buffer(*self._request(
+            {"op": "next", "role": "provider", "timeout": timeout}))
+
+    def list(self) -> list[LeaseEntry]:
+        reply, _ = self._request({"op": "list"})
+        return [LeaseEntry.from_line(str(line))
+                for line in reply.get("leases", [])]
+
+    def release(self, lease: str) -> None:
+        self._request({"op": "release", "lease": lease})
