@@ -1,0 +1,173 @@
+"""``qubes-gpu-share-broker``: the dom0 daemon, its options and set-up.
+
+Serves three sockets in ``--run-dir``: broker.sock (the qrexec socket
+services, /etc/qubes-rpc/qubes.Gpu* point here), dom0-agent.sock (dom0's
+own agent: the caller is always dom0, refused unless dom0 is opted in) and
+admin.sock (``qvm-gpu-share``). Reconciles the registry first, then follows
+qube events and lease deadlines until SIGTERM. Logs go to stderr, which is
+the journal under systemd.
+
+For the simulated system (``make demo``, end-to-end tests): ``--qubes
+memory:ROOT/qubes.json --sim-router ROOT`` calls the qubes' agents through
+the simulated qrexec router (each qube's service sockets in ROOT/QUBE/rpc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import grp
+import json
+import logging
+import os
+import pathlib
+import signal
+import sys
+from collections.abc import Sequence
+
+from ..names import DOM0
+from ..qrexec.service import SocketServiceServer
+from ..qubes.facts import QubesFacts
+from ..registry import DEFAULT_PATH, Registry
+from .admin import AdminApi, AdminServer
+from .agents import DOM0_AGENT_SOCKET, Agents
+from .core import Broker
+from .services import BrokerServices
+
+log = logging.getLogger("qubes_gpu_share.broker")
+DEFAULT_RUN_DIR = "/run/qubes-gpu-share"
+#: the group of dom0 users allowed to use Qubes' admin sockets
+QUBES_GROUP = "qubes"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qubes-gpu-share-broker",
+        description="The dom0 broker of qubes-gpu-share: decides, records "
+                    "and revokes buffer leases between qubes.")
+    parser.add_argument("--registry", default=DEFAULT_PATH, metavar="PATH",
+                        help="lease database (default: %(default)s)")
+    parser.add_argument("--run-dir", default=DEFAULT_RUN_DIR, metavar="DIR",
+                        help="where broker.sock, dom0-agent.sock and "
+                             "admin.sock are created (default: %(default)s)")
+    parser.add_argument("--qubes", default="admin", metavar="admin|memory:FILE",
+                        help="facts about qubes: qubesadmin, or the "
+                             "in-memory model in FILE (simulation)")
+    parser.add_argument("--sim-router", metavar="ROOT",
+                        help="call qubes' services through the simulated "
+                             "qrexec router of the simulated system ROOT")
+    parser.add_argument("--dom0-agent-socket", default=DOM0_AGENT_SOCKET,
+                        metavar="PATH", help="dom0's agent service socket "
+                                             "(default: %(default)s)")
+    parser.add_argument("--debug", action="store_true",
+                        help="log debug messages")
+    return parser
+
+
+def make_facts(options: argparse.Namespace) -> QubesFacts:
+    """The Qubes-facts backend named by --qubes (and --sim-router)."""
+    if options.qubes == "admin":
+        from ..qubes.admin import AdminQubes  # qubesadmin only in dom0
+        return AdminQubes()
+    if not options.qubes.startswith("memory:"):
+        raise ValueError(f"--qubes must be admin or memory:FILE, not "
+                         f"{options.qubes!r}")
+    from ..qubes.memory import MemoryQubes
+    path = options.qubes[len("memory:"):]
+    if options.sim_router is None:
+        return MemoryQubes.from_file(path)
+    return MemoryQubes.from_file(path, service_handler=sim_router_handler(
+        options.sim_router, path))
+
+
+def sim_router_handler(root: str, qubes_file: str):
+    """dom0's calls through the simulated router of ``root``."""
+    from ..qrexec.router import Router
+    with open(qubes_file, "rb") as file:
+        names = [q["name"] for q in json.load(file)["qubes"]]
+    root_path = pathlib.Path(root)
+    router = Router(root_path / "policy", {name: root_path / name / "rpc"
+                                           for name in {*names, DOM0}})
+    caller = router.caller(DOM0)
+
+    async def handler(qube: str, service: str, payload: bytes):
+        return await caller.call_service(qube, service, payload, 1 << 20)
+    return handler
+
+
+def _qubes_gid() -> int | None:
+    try:
+        return grp.getgrnam(QUBES_GROUP).gr_gid
+    except KeyError:
+        return None
+
+
+@dataclasses.dataclass
+class Daemon:
+    """The broker and its three servers, built from the options."""
+
+    broker: Broker
+    servers: list
+
+    async def start(self) -> None:
+        for server in self.servers:
+            await server.start()
+
+    async def close(self) -> None:
+        for server in self.servers:
+            await server.close()
+        self.broker.registry.close()
+
+
+def build(options: argparse.Namespace) -> Daemon:
+    """Everything, not started (tests and the simulation use this)."""
+    facts = make_facts(options)
+    broker = Broker(Registry(options.registry), facts,
+                    Agents(facts, dom0_socket=options.dom0_agent_socket))
+    services = BrokerServices(broker)
+    run_dir = pathlib.Path(options.run_dir)
+    gid = _qubes_gid()
+    return Daemon(broker, [
+        SocketServiceServer(run_dir / "broker.sock", services.handlers(),
+                            mode=0o660, group=gid),
+        SocketServiceServer(run_dir / "dom0-agent.sock",
+                            services.dom0_handlers(), mode=0o660, group=gid),
+        AdminServer(str(run_dir / "admin.sock"), AdminApi(broker),
+                    mode=0o660, group=gid)])
+
+
+async def serve(options: argparse.Namespace) -> None:
+    """Run until SIGTERM/SIGINT."""
+    os.makedirs(options.run_dir, exist_ok=True)
+    daemon = build(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await daemon.start()
+    try:
+        await daemon.broker.reconcile()
+        log.info("broker ready in %s", options.run_dir)
+        runner = asyncio.create_task(daemon.broker.run())
+        await stop.wait()
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+    finally:
+        await daemon.close()
+        log.info("broker stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if options.debug else logging.INFO,
+        stream=sys.stderr, format="%(name)s: %(message)s")
+    try:
+        asyncio.run(serve(options))
+    except (OSError, ValueError) as exc:
+        log.error("cannot run: %s", exc)
+        return 1
+    return 0
