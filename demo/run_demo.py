@@ -36,7 +36,8 @@ BUDGET = 4_096
 QUBES = [
     SimQube("sys-gpu", 2, "hvm", ("gpu-share-provider", "gpu-share"),
             features={BUDGET_PAGES.feature: str(BUDGET)}),
-    SimQube("work", 3, "pvh", ("gpu-share",)),            # stock kernel
+    # stock kernel; provider too, to offer its own shared memory
+    SimQube("work", 3, "pvh", ("gpu-share", "gpu-share-provider")),
     SimQube("media", 4, "pvh", ("gpu-share",), kernel=("fix",)),
     SimQube("untrusted", 5, "pvh", ("gpu-share",)),       # not in the policy
 ]
@@ -82,9 +83,9 @@ class Demo:
         with self.app("work") as work, self.app("sys-gpu") as gpu:
             buffer = work.lease("sys-gpu", width=WIDTH, height=HEIGHT,
                                 fourcc=FOURCC, mode="cpu")
-            self.say(f"   lease {buffer.lease_id}: {buffer.meta.pages} pages, "
-                     f"mode {buffer.mode}")
-            self.draw(gpu, buffer.lease_id, seed=1)
+            self.say(f"   lease {buffer.lease}: {buffer.meta.pages} pages, "
+                     f"mode {buffer.mode.value}")
+            self.draw(gpu, buffer.lease, seed=1)
             stats = self.system.grant_stats("work")
             self.check(stats.mapped_pages == self.meta.pages,
                        f"work maps {stats.mapped_pages} of sys-gpu's pages "
@@ -100,8 +101,8 @@ class Demo:
             buffer = media.lease("sys-gpu", width=WIDTH, height=HEIGHT,
                                  fourcc=FOURCC, mode="dmabuf")
             self.check(buffer.mode == "dmabuf",
-                       f"media got a dma-buf (mode {buffer.mode})")
-            self.draw(gpu, buffer.lease_id, seed=2)
+                       f"media got a dma-buf (mode {buffer.mode.value})")
+            self.draw(gpu, buffer.lease, seed=2)
             self.say("   a dma-buf has no mmap; media re-grants it to itself "
                      "as a GPU driver import would, and reads the pages")
             expected = pattern_bytes(self.meta, 2)
@@ -113,8 +114,8 @@ class Demo:
     def draw(self, gpu, lease_id: str, seed: int) -> None:
         """sys-gpu's application takes the buffer its agent exports and
         draws into it (the lease's pages, in sys-gpu's memory)."""
-        exported = gpu.next(role="provider", timeout=10)
-        self.check(exported.lease_id == lease_id,
+        exported = gpu.exported(timeout=10)
+        self.check(exported.lease == lease_id,
                    "sys-gpu's application got the exported buffer to draw in")
         with exported.mmap() as pixels:
             pixels[:] = pattern_bytes(self.meta, seed)
@@ -132,9 +133,9 @@ class Demo:
                 lease_id = work.offer("sys-gpu", fd, width=WIDTH,
                                       height=HEIGHT, fourcc=FOURCC)
                 self.say(f"   lease {lease_id} offered to sys-gpu")
-                received = gpu.next(role="consumer", timeout=10)
-                self.check(received.lease_id == lease_id,
-                           f"sys-gpu received it (mode {received.mode})")
+                received = gpu.incoming(timeout=10)
+                self.check(received.lease == lease_id,
+                           f"sys-gpu received it (mode {received.mode.value})")
                 with received.mmap() as pixels:
                     self.compare(pixels, 5, "sys-gpu-offered.png")
                 received.close()
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(root / "logs", logs)
         shutil.rmtree(root, ignore_errors=True)
     verdict = ("every check passed" if return_code == 0
-               else f"{demo.failures if demo else 'a'} check(s) FAILED")
+               else "FAILED" if demo is None or not demo.failures
+               else f"{demo.failures} check(s) FAILED")
     print(f"\n{verdict} in {time.monotonic() - started:.1f} s; logs in "
           f"{args.out / 'logs'}")
     return return_code

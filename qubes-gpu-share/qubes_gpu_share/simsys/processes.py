@@ -57,9 +57,8 @@ class SimProcess:
                 raise SimProcessError(
                     f"{self.name} exited with {self.proc.returncode} before "
                     f"listening on {path}\n{self.log_tail()}")
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                if probe.connect_ex(str(path)) == 0:
-                    return
+            if _accepts(path):
+                return
             time.sleep(0.02)
         raise SimProcessError(f"{self.name} did not listen on {path} in "
                               f"{timeout:g} s\n{self.log_tail()}")
@@ -91,6 +90,15 @@ class SimProcess:
     def log_tail(self, lines: int = 30) -> str:
         tail = self.log_text().splitlines()[-lines:]
         return "\n".join(f"  {self.name}| {line}" for line in tail)
+
+
+def _accepts(path: os.PathLike | str) -> bool:
+    """Whether a stream (qrexec) or packet (app.sock) socket listens."""
+    for kind in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET):
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            if probe.connect_ex(str(path)) == 0:
+                return True
+    return False
 
 
 def python_module(module: str, *args: str) -> list[str]:

@@ -115,7 +115,10 @@ class SimSystem:
             "--registry", str(layout.registry),
             "--run-dir", str(layout.run_dir(DOM0)),
             "--qubes", f"memory:{layout.qubes_file}",
-            "--sim-router", str(layout.root), *self._broker_args)
+            "--sim-router", str(layout.root),
+            "--dom0-agent-socket",
+            str(layout.run_dir(DOM0) / "dom0-agent-service.sock"),
+            *self._broker_args)
         return self._start(BROKER, argv, layout.broker_socket())
 
     def start_agent(self, qube: str) -> SimProcess:
