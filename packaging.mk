@@ -59,7 +59,7 @@ install-python: check-version
 	rm -rf $(DESTDIR)$(PYTHON_SITEARCH)/qubes_gpu_share-$(PKG_VERSION).egg-info
 	cp -R $(PKG_PYBUILD)/qubes_gpu_share.egg-info \
 	    $(DESTDIR)$(PYTHON_SITEARCH)/qubes_gpu_share-$(PKG_VERSION).egg-info
-	find $(DESTDIR)$(PYTHON_SITEARCH) -name __pycache__ -prune -exec rm -rf {} +
+	find $(DESTDIR)$(PYTHON_SITEARCH)/qubes_gpu_share -name __pycache__ -prune -exec rm -rf {} +
 
 PKG_MANPAGES := qubes-gpu-share qvm-gpu-share
 man: $(PKG_MANPAGES:%=$(PKG_MANOUT)/%.1)
@@ -156,7 +156,7 @@ deb: check-version
 	@$(PKG_TOP)/scripts/ensure-system-deps dpkg-dev:/usr/bin/dpkg-buildpackage \
 	    debhelper:/usr/bin/dh dh-python:/usr/bin/dh_python3
 	cd $(PKG_TOP) && { dpkg-checkbuilddeps 2>/dev/null || apt-get build-dep -y -qq ./; }
-	cd $(PKG_TOP) && dpkg-buildpackage -us -uc -b
+	cd $(PKG_TOP) && dpkg-buildpackage -us -uc -b --post-clean
 	rm -rf $(PKG_DEBOUT) && install -d $(PKG_DEBOUT)
 	mv $(PKG_TOP)/../qubes-gpu-share*_$(PKG_VERSION)-* $(PKG_DEBOUT)/
 	@find $(PKG_DEBOUT) -name '*.deb'
