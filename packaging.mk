@@ -140,7 +140,7 @@ rpm: check-version
 	rm -rf $(PKG_RPMTOP)
 	install -d $(PKG_RPMTOP)/SOURCES $(PKG_RPMTOP)/SPECS
 	cd $(PKG_TOP) && git ls-files -z | tar --null -T - \
-	    --transform 's,^,qubes-gpu-share-$(PKG_VERSION)/,' \
+	    --transform 's,^,qubes-gpu-share-$(PKG_VERSION)/,S' \
 	    -czf $(PKG_RPMTOP)/SOURCES/qubes-gpu-share-$(PKG_VERSION).tar.gz
 	cp $(PKG_TOP)/systemd/qubes-gpu-share.sysusers $(PKG_RPMTOP)/SOURCES/
 	sed 's/@VERSION@/$(PKG_VERSION)/g' $(PKG_TOP)/rpm_spec/qubes-gpu-share.spec.in \
