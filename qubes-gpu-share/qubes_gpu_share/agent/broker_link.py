@@ -52,7 +52,7 @@ class BrokerRefused(Exception):
 
 def _refusal(exc: Exception) -> BrokerRefused:
     if isinstance(exc, call.PolicyDenied):
-        return BrokerRefused("policy", str(exc))
+        return BrokerRefused("policy-denied", str(exc))
     if isinstance(exc, reply.ServiceRefused):
         return BrokerRefused("refused", str(exc))
     if isinstance(exc, ProtocolError):
