@@ -72,7 +72,8 @@ def top_level(paths: set[str], site: str) -> set[str]:
     for path in paths:
         path = path.removeprefix(".").removesuffix(".gz")
         inside = path.removeprefix(f"{site}/qubes_gpu_share/")
-        if path.startswith("/usr/share/doc/") or ".egg-info" in path:
+        if path.startswith(("/usr/share/doc/", "/usr/share/licenses/")) \
+                or ".egg-info" in path:
             continue
         if inside != path and inside not in ("__init__.py",
                                              "_native.abi3.so"):
@@ -253,6 +254,9 @@ def test_make_rpm_builds_both_packages_with_the_expected_files(tmp_path):
                  if not perms.startswith("d")}
         assert top_level(files, site) == expected_files(
             side, site=site, **FEDORA_PATHS)
+        version = (TOP / "version").read_text().strip()
+        assert (f"/usr/share/licenses/qubes-gpu-share-{side}-{version}/"
+                "LICENSE") in files
         sock = BROKER_SOCK if side == "dom0" else AGENT_SOCK
         for path, (perms, user, group, target) in entries.items():
             if path.startswith("/etc/qubes-rpc/"):
