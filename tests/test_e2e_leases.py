@@ -27,8 +27,11 @@ _MISSING = [name for name in ("qubes_gpu_share.broker.main",
                               "qubes_gpu_share.agent.main",
                               "qubes_gpu_share.client")
             if importlib.util.find_spec(name) is None]
-pytestmark = pytest.mark.skipif(
-    bool(_MISSING), reason=f"not landed yet: {', '.join(_MISSING)}")
+# slow as a whole until every test here is seen passing against the landed
+# broker and agent (see docs/demo.md); `make test` runs them.
+pytestmark = [pytest.mark.skipif(
+    bool(_MISSING), reason=f"not landed yet: {', '.join(_MISSING)}"),
+    pytest.mark.slow]
 if not _MISSING:
     from qubes_gpu_share import client
 
@@ -41,6 +44,7 @@ TEST_POLICY = """\
 qubes.GpuLease   +sys-gpu   plain     @adminvm  allow
 qubes.GpuLease   +sys-gpu   pvqube    @adminvm  allow
 qubes.GpuLease   +halted    work      @adminvm  allow
+qubes.GpuLease   +plain     work      @adminvm  allow
 qubes.GpuLease   +sys-gpu   dom0      @adminvm  allow
 qubes.GpuRelease *          @anyvm    @adminvm  allow
 qubes.GpuLeases  *          @anyvm    @adminvm  allow
@@ -95,7 +99,8 @@ def states(sim: SimSystem) -> list[State]:
 
 @pytest.mark.parametrize("qube, provider, kwargs, code", [
     ("untrusted", "sys-gpu", {}, "policy-denied"),
-    ("plain", "sys-gpu", {}, "service-disabled"),
+    ("work", "plain", {}, "service-disabled"),       # provider side, broker
+    ("plain", "sys-gpu", {}, "role-disabled"),       # consumer's own agent
     ("work", "halted", {}, "not-running"),
     ("work", "sys-gpu", dict(width=128, height=128), "too-large"),
     ("pvqube", "sys-gpu", dict(mode="dmabuf"), "mode-unsupported"),
