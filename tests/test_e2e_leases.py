@@ -169,7 +169,7 @@ def test_ttl_expiry_revokes(system):
         buffer = work.lease("sys-gpu", **SMALL, ttl=1)
         system.wait_until(lambda: states(system) != [State.ACTIVE], 10,
                           "the TTL did not start the revocation")
-        buffer.close()                    # the application lets go
+        buffer.close(release=False)       # the application lets go
         system.wait_until(lambda: states(system) == [State.EXPIRED], 10,
                           "the lease did not expire")
 

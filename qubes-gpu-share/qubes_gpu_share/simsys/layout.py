@@ -179,7 +179,9 @@ def build(root: os.PathLike | str, qubes: Sequence[SimQube],
     layout.log_dir.mkdir(exist_ok=True)
     for path in policy_files:
         shutil.copy(path, layout.policy_dir)
-    _make_qube_dirs(layout, DOM0, DOM0_SERVICES, "broker.sock", ())
+    dom0 = [q.services for q in qubes if q.name == DOM0]
+    _make_qube_dirs(layout, DOM0, DOM0_SERVICES, "broker.sock",
+                    dom0[0] if dom0 else ())
     for qube in qubes:
         if qube.name != DOM0:
             _make_qube_dirs(layout, qube.name, QUBE_SERVICES, "agent.sock",
