@@ -13,6 +13,12 @@ import os
 import sys
 
 import pytest
+from hypothesis import settings
+
+# Property tests judge behaviour, not speed: a deadline only makes them
+# flaky on a loaded 2-core CI machine (speed is measured in bench/).
+settings.register_profile("project", deadline=None)
+settings.load_profile("project")
 
 _VENDOR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "vendor")
 # Set by the Makefile; a bare `pytest` falls back to ../shared/vendor.

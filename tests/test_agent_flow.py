@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import itertools
 import json
 import os
@@ -152,11 +151,7 @@ def in_system(test):
             async with running_system(tmp_path, hv) as system:
                 await test(system)
         before = _fds()
-        gc.disable()  # see docs/agent.md: a Python 3.11 stream-task issue
-        try:
-            asyncio.run(main())
-        finally:
-            gc.enable()
+        asyncio.run(main())
         assert hazards() == 0
         assert _fds() == before
     run.__name__ = test.__name__

@@ -69,6 +69,10 @@ class SocketServiceServer:
         self._only_source = only_source
         self._timeout = descriptor_timeout
         self._server: Optional[asyncio.base_events.Server] = None
+        # Python < 3.12 keeps no reference to the task it creates for each
+        # connection (StreamReaderProtocol), so a connection waiting on a
+        # future nobody else holds can be garbage-collected mid-call.
+        self._connections: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         """Bind and listen; a stale socket left by a previous run is replaced."""
@@ -102,6 +106,8 @@ class SocketServiceServer:
 
     async def _connected(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
         try:
             await self._serve_one(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -110,6 +116,7 @@ class SocketServiceServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+            self._connections.discard(task)
 
     async def _serve_one(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
