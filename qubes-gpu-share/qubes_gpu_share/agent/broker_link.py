@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pathlib
 from typing import Callable
 
 from ..names import DOM0
@@ -34,7 +33,6 @@ from ..qrexec import call, reply
 from ..qrexec.call import Conversation, ConversationCaller, DuplexCaller
 from ..qrexec.descriptor import ServiceDescriptor
 from ..qrexec.router import Router
-from ..qubes.memory import MemoryQubes
 
 ADMINVM = "@adminvm"
 #: How long one offer conversation may take, end to end.
@@ -165,13 +163,7 @@ class LocalSocketCaller(ConversationCaller):
 
 
 def sim_caller(root: str | os.PathLike, name: str) -> DuplexCaller:
-    """Calls as qube ``name`` through the simulated router of ``root``
-    (every ROOT/QUBE/rpc directory; tags from the model in ROOT/qubes.json)."""
-    root = pathlib.Path(root)
-    service_dirs = {path.parent.name: path for path in root.glob("*/rpc")}
-    tags: dict[str, frozenset[str]] = {}
-    if (root / "qubes.json").exists():
-        model = MemoryQubes.from_file(str(root / "qubes.json"))
-        tags = {qube: info.tags for qube in service_dirs
-                if (info := model.qube(qube)) is not None}
-    return Router(root / "policy", service_dirs, tags=tags).caller(name)
+    """Calls as qube ``name`` through the simulated router of ``root``,
+    the same router every process of the simulation builds
+    (:meth:`~..qrexec.router.Router.from_root`)."""
+    return Router.from_root(root).caller(name)

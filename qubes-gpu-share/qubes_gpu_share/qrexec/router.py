@@ -21,6 +21,7 @@ A call goes the way qrexec takes it:
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pathlib
 import stat
@@ -53,6 +54,24 @@ class Router:
                                   for name in self.service_dirs})
         self._policy = policy or load_policy(pathlib.Path(policy_dir))
         self._assume_yes = assume_yes_for_ask
+
+    @classmethod
+    def from_root(cls, root: os.PathLike | str, *,
+                  assume_yes_for_ask: bool = False) -> "Router":
+        """The router of the simulated system under *root* (simsys/layout.py
+        has the layout), built the same way by every process of it: policy
+        from ROOT/policy; one service directory ROOT/NAME/rpc per qube of
+        ROOT/qubes.json (dom0 always), tags from there. Without qubes.json
+        (tests with a stand-in broker) every ROOT/NAME/rpc found is a qube
+        without tags."""
+        root = pathlib.Path(root)
+        tags = _model_tags(root / "qubes.json")
+        if tags is None:
+            tags = {path.parent.name: () for path in root.glob("*/rpc")}
+        names = {DOM0, *tags}
+        return cls(root / "policy", {name: root / name / "rpc"
+                                     for name in names},
+                   tags=tags, assume_yes_for_ask=assume_yes_for_ask)
 
     def caller(self, source: str) -> "RoutedCaller":
         """A :class:`.call.DuplexCaller` making calls as *source*."""
@@ -136,6 +155,23 @@ class RoutedCaller(call.ConversationCaller):
     async def open_service(self, target: str,
                            service_with_arg: str) -> call.Conversation:
         return await self._router.open(self.source, target, service_with_arg)
+
+
+#: qubes.json is written by the simulation itself, but read bounded anyway
+_MAX_MODEL = 1 << 20
+
+
+def _model_tags(path: pathlib.Path) -> Optional[dict[str, tuple[str, ...]]]:
+    """qube name -> tags from a simulated qubes.json, None if absent."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(_MAX_MODEL + 1)
+    except FileNotFoundError:
+        return None
+    if len(data) > _MAX_MODEL:
+        raise ValueError(f"{path}: larger than {_MAX_MODEL} bytes")
+    return {str(qube["name"]): tuple(map(str, qube.get("tags", ())))
+            for qube in json.loads(data)["qubes"]}
 
 
 async def _exit_zero() -> int:
