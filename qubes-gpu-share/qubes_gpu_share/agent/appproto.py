@@ -198,7 +198,7 @@ def decode_request(untrusted_data: bytes) -> Request:
     """The request in one packet; AppProtocolError for anything else."""
     untrusted_obj = load_object(untrusted_data, MAX_REQUEST)
     untrusted_op = untrusted_obj.pop("op", None)
-    if untrusted_op not in _KEYS:
+    if not isinstance(untrusted_op, str) or untrusted_op not in _KEYS:
         raise AppProtocolError(f"unknown op {str(untrusted_op)[:20]!r}")
     op = untrusted_op
     unknown = untrusted_obj.keys() - _KEYS[op]
