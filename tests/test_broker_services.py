@@ -52,6 +52,11 @@ def _answer(out, *expected):
     return protocol.decode(reply.parse_reply(out), *expected)
 
 
+def _error(out):
+    """A refusal: status 0 and an error message with its code."""
+    return _answer(out, protocol.Error)
+
+
 def test_lease_list_release_over_the_socket(tmp_path):
     async def scenario(path, broker, model):
         answer = _answer(await _call(path, "work", "qubes.GpuLease",
@@ -90,9 +95,7 @@ def test_bad_lease_calls_get_one_refusal_and_change_nothing(
         return await _call(path, "work", "qubes.GpuLease", arg, body)
 
     out, broker = _serve(tmp_path, scenario)
-    with pytest.raises(reply.ServiceRefused) as refused:
-        reply.parse_reply(out)
-    assert out.count(b"\n") <= 1 and ": " in str(refused.value)
+    assert _error(out).code in ("malformed", "same-qube")
     assert broker.registry.leases() == []
 
 
@@ -110,10 +113,8 @@ def test_release_and_list_refuse_other_qubes_leases(tmp_path):
         return answer, out, listed, arg
 
     (answer, out, listed, arg), broker = _serve(tmp_path, scenario)
-    with pytest.raises(reply.ServiceRefused, match="unknown-lease"):
-        reply.parse_reply(out)
-    with pytest.raises(reply.ServiceRefused, match="malformed"):
-        reply.parse_reply(arg)
+    assert _error(out).code == "unknown-lease"
+    assert _error(arg).code == "malformed"
     assert listed.leases == ()
     assert broker.registry.get(answer.lease).state.value == "active"
 
@@ -125,10 +126,11 @@ async def _offer(path, source, consumer, answer_export):
                                    "keyword", "adminvm").encode())
     writer.write(protocol.encode(OfferRequest(BlobSpec(8192), 60)))
     status = await reader.readexactly(2)
-    if status != reply.OK_PREFIX:
-        return status + await reader.read(), None
+    assert status == reply.OK_PREFIX
     header = await reader.readuntil(b"\n\n")
-    request = protocol.decode(header, ExportRequest)
+    request = protocol.decode(header, ExportRequest, protocol.Error)
+    if isinstance(request, protocol.Error):
+        return header, None
     writer.write(answer_export(request))
     out = await reader.read()
     writer.close()
@@ -164,8 +166,9 @@ def test_offer_refused_before_export(tmp_path):
         return await _offer(path, "personal", "work", None)
 
     (out, request), broker = _serve(tmp_path, scenario)
-    assert request is None and out.startswith(reply.ERROR_PREFIX)
-    assert b"service-disabled" in out and broker.registry.leases() == []
+    assert request is None
+    assert protocol.decode(out, protocol.Error).code == "service-disabled"
+    assert broker.registry.leases() == []
 
 
 def test_dom0_socket_refuses_unless_opted_in(tmp_path):
@@ -178,6 +181,5 @@ def test_dom0_socket_refuses_unless_opted_in(tmp_path):
         return first, second
 
     (first, second), _broker = _serve(tmp_path, scenario, dom0=True)
-    with pytest.raises(reply.ServiceRefused, match="dom0-not-allowed"):
-        reply.parse_reply(first)
+    assert _error(first).code == "dom0-not-allowed"
     assert _answer(second, LeaseList).leases == ()

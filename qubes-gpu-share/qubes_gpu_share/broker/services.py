@@ -1,14 +1,15 @@
 """The broker's four qrexec socket services.
 
 qubes.GpuLease+PROVIDER, qubes.GpuRelease and qubes.GpuLeases are one-shot:
-the caller writes one message and EOF, the broker answers once. The answer
-follows qrexec/reply.py: ``0\\0`` + the encoded answer message, or
-``1\\0`` + one line ``CODE: message`` when the request is refused (the same
-shape SocketServiceServer uses for a bad descriptor).
+the caller writes one message and EOF, the broker answers once: the
+reply.py status ``0\\0`` (the broker took the call and answers), then the
+encoded answer message, or an error message (code and one line) when the
+request is refused. ``1\\0`` + a line comes only from SocketServiceServer
+itself (bad descriptor, unknown service, internal error).
 
 qubes.GpuOffer+CONSUMER is a conversation on one connection: the offering
 qube writes an offer-request (no EOF); the broker answers ``0\\0`` +
-export-request (or ``1\\0`` + refusal); the qube writes an export-answer
+export-request (or an error message); the qube writes an export-answer
 (or an error message); the broker delivers the lease to the consumer and
 ends with a lease-answer (or an error message), the status already sent.
 
@@ -47,8 +48,8 @@ _CHUNK = 65536
 
 
 def refusal(code: str, message: str) -> bytes:
-    """A refused call's answer: status 1 and ``CODE: message``."""
-    return reply.error_reply(f"{code}: {message}")
+    """A refused call's answer: status 0 and an error message."""
+    return reply.ok_reply(protocol.encode(Error.of(code, message)))
 
 
 async def read_frame(reader: asyncio.StreamReader, max_len: int) -> bytes:
