@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from .. import __version__
 
 #: modules of this package that are subcommands, in --help order
-SUBCOMMANDS = ("probe",)
+SUBCOMMANDS = ("probe", "lease", "offer", "list", "release")
 
 DESCRIPTION = """\
 Share GPU and other dma-buf buffers between Qubes OS qubes without copying,
