@@ -16,6 +16,7 @@ from qubes_gpu_share.lease import State
 from qubes_gpu_share.protocol import (Error, GrantRefs, LeaseRequest,
                                       OfferRequest)
 from qubes_gpu_share.qrexec import reply
+from qubes_gpu_share.qubes.facts import ServiceCallError
 from qubes_gpu_share.registry import Registry
 
 from test_broker_support import make_broker
@@ -25,7 +26,14 @@ REQUEST = LeaseRequest(BlobSpec(3 * PAGE), ReceiveMode.CPU, 60)
 
 
 def run(coro):
-    return asyncio.run(coro)
+    """Run a flow, then let the broker's background work finish."""
+    async def main(broker=None):
+        try:
+            return await coro
+        finally:
+            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+                await asyncio.gather(task, return_exceptions=True)
+    return asyncio.run(main())
 
 
 def test_pull_cycle_records_every_step_and_returns_the_budget(tmp_path):
@@ -163,6 +171,25 @@ def test_revocation_order_and_busy_consumer_keeps_the_budget(tmp_path):
     order = agents.revokes(lease_id)
     assert order[-2:] == [("work", "consumer"), ("sys-gpu", "provider")]
     assert broker.registry.provider_pages("sys-gpu") == 0
+
+
+@pytest.mark.parametrize("dead, final", [("provider", State.REVOKED),
+                                         ("consumer", State.REVOKING)])
+def test_an_agent_that_is_not_there(tmp_path, dead, final):
+    """A provider agent no one can reach holds no grants any more (they die
+    with its fds); a consumer's applications may still map: keep waiting."""
+    broker, _model, agents, _clock = make_broker(tmp_path)
+    qube = {"provider": "sys-gpu", "consumer": "work"}[dead]
+    answer = run(broker.lease("work", "sys-gpu", REQUEST))
+    scripted = broker.facts._service_handler
+
+    async def handler(target, service, payload):
+        if target == qube:
+            raise ServiceCallError(f"no agent in {qube}")
+        return await scripted(target, service, payload)
+    broker.facts._service_handler = handler
+    lease = run(broker.revoke(answer.lease, "revoked by admin"))
+    assert lease.state == final
 
 
 def test_shutdown_of_the_consumer_skips_it(tmp_path):

@@ -44,7 +44,9 @@ def _serve(tmp_path, scenario, *, dom0=False):
     async def main():
         handlers = services.dom0_handlers() if dom0 else services.handlers()
         async with SocketServiceServer(path, handlers):
-            return await scenario(path, broker, model)
+            result = await scenario(path, broker, model)
+            await broker.idle()
+            return result
     return asyncio.run(main()), broker
 
 

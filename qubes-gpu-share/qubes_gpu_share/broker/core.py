@@ -250,7 +250,7 @@ class Broker:
             lease = await self._move(lease, State.FAILED, reason)
             _audit("failed", lease, reason)
         else:
-            await self._finish(lease, reason=reason)
+            await self._revoke_later(lease, reason)
 
     async def _deliver(self, lease: Lease, answer: LeaseAnswer) -> None:
         try:
@@ -258,8 +258,9 @@ class Broker:
         except AgentError as err:
             reason = f"delivery to {lease.consumer} failed: {err}"
             # a consumer that refused holds nothing; after a timeout it might
-            await self._finish(lease, reason=reason, final=State.FAILED,
-                               ask_consumer=not err.answered)
+            self._finals[lease.id] = State.FAILED
+            await self._revoke_later(lease, reason,
+                                     ask_consumer=not err.answered)
             raise Refused("delivery-failed", reason) from None
 
     # -- ending, in the safe order --------------------------------------------
@@ -287,6 +288,18 @@ class Broker:
         end = self._finals.get(lease.id) or _final_state(lease)
         return await self._end(lease, end, lease.reason)
 
+    async def _revoke_later(self, lease: Lease, reason: str, *,
+                            ask_consumer: bool = True) -> None:
+        """Record ``revoking`` now, finish in the background: the caller
+        gets its refusal without waiting for a slow agent."""
+        lease = await self._move(lease, State.REVOKING, reason)
+
+        async def finish() -> None:
+            async with self._lock(lease.id):
+                await self._finish(self.registry.get(lease.id),
+                                   ask_consumer=ask_consumer)
+        self._spawn(finish())
+
     async def _let_go(self, lease: Lease, qube: str, domid: int,
                       role: Role) -> bool:
         """Ask one side to let go; True when it confirmed or is gone."""
@@ -296,7 +309,15 @@ class Broker:
                          lease.id, role.value, qube)
                 return True
             answer = await self.agents.revoke(qube, lease.id, role)
-        except (AgentError, QubesFactsError) as exc:
+        except AgentError as exc:
+            if role is Role.PROVIDER and exc.code == "unreachable":
+                # no agent listens: its grants died with its gntdev and
+                # gntalloc fds, and the consumer let go already
+                log.info("lease %s: provider %s has no agent: %s",
+                         lease.id, qube, exc)
+                return True
+            why = str(exc)
+        except QubesFactsError as exc:
             why = str(exc)
         else:
             if answer.status is RevokeStatus.RELEASED:
@@ -321,7 +342,7 @@ class Broker:
         if lease_id in self._timers:
             self._timers[lease_id].cancel()
         self._timers[lease_id] = asyncio.get_running_loop().call_later(
-            delay, self._spawn, self._retry(lease_id))
+            delay, lambda: self._spawn(self._retry(lease_id)))
 
     async def _retry(self, lease_id: str) -> None:
         self._timers.pop(lease_id, None)
@@ -333,6 +354,12 @@ class Broker:
             *(self.revoke(lease_id, reason) for lease_id in ids)))
 
     # -- background work -------------------------------------------------------
+
+    async def idle(self) -> None:
+        """Wait until background work (cleanups, revocations started by
+        events) is done; retries waiting on their timer are not waited for."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _follow(self, events) -> None:
         async for event in events:
