@@ -105,6 +105,21 @@ class Client:
     def close(self) -> None:
         self._sock.close()
 
+    def fileno(self) -> int:
+        """The connection's fd, for select()/poll() in an application's own
+        loop: readable means the agent sent a notice (see take_event)."""
+        return self._sock.fileno()
+
+    def take_event(self) -> None:
+        """Read one unsolicited message (call when fileno() is readable): a
+        revoke notice adds its lease to :attr:`revoked`; the application
+        must then let go of that buffer. ClientError when the agent left."""
+        message, fds = self._receive()
+        for fd in fds:
+            os.close(fd)
+        if message.get("event") == "revoke":
+            self.revoked.add(str(message.get("lease")))
+
     def __enter__(self) -> Client:
         return self
 

@@ -214,16 +214,9 @@ def wait_for_event(agent: Client, extra_fds: tuple[int, ...] = (),
     """Wait until the agent sends something (collected: a revoke notice
     lands in ``agent.revoked``) or one of *extra_fds* is readable; returns
     the readable extra fds. ClientError when the agent went away."""
-    # client.py has no public way to wait for notices yet: the socket and
-    # _receive are its own (see docs/agent.md, "what is left").
-    sock = agent._sock  # pylint: disable=protected-access
-    readable, _, _ = select.select([sock, *extra_fds], [], [], timeout)
-    if sock in readable:
-        message, fds = agent._receive()  # pylint: disable=protected-access
-        for fd in fds:
-            os.close(fd)
-        if message.get("event") == "revoke":
-            agent.revoked.add(str(message.get("lease")))
+    readable, _, _ = select.select([agent, *extra_fds], [], [], timeout)
+    if agent in readable:
+        agent.take_event()
     return [fd for fd in readable if fd in extra_fds]
 
 
