@@ -142,6 +142,58 @@ def test_usage_counts_every_state_that_holds_budget(reg):
     assert reg.consumer_usage("vault") == (0, 0)
     assert reg.provider_pages("sys-gpu") == 1 + 2 + 4 + 8 + 128
     assert reg.provider_pages("sys-gui") == 64
+    assert reg.check_usage() == []
+
+
+def test_usage_table_follows_batches_and_refused_changes(reg):
+    """A batch that creates and ends leases charges only what stays live;
+    a refused batch leaves the usage as it was (same transaction)."""
+    a, b = sample_lease(pages=3), sample_lease(pages=5, consumer="vault")
+    reg.apply([Create(a), Create(b), Transition(a.id, S.FAILED, "no")])
+    assert reg.consumer_usage("work") == (0, 0)
+    assert reg.provider_pages("sys-gpu") == 5
+    with pytest.raises(lease.IllegalTransition):
+        reg.apply([Transition(b.id, S.FAILED, "x"),
+                   Transition(b.id, S.ACTIVE, "x")])
+    assert reg.consumer_usage("vault") == (1, 5)
+    assert reg.check_usage() == []
+
+
+def test_check_usage_finds_a_wrong_aggregate(reg):
+    reg.create(sample_lease(pages=3))
+    reg._conn.execute("UPDATE usage SET pages = 4 WHERE side = 'provider'")
+    assert reg.check_usage() == [
+        "provider sys-gpu: usage table (1, 4), live leases (1, 3)"]
+
+
+def test_migration_2_charges_the_leases_of_version_1(tmp_path):
+    """A version 1 database gets a usage table equal to its sums."""
+    path = str(tmp_path / "leases.db")
+    conn = sqlite3.connect(path, isolation_level=None)
+    registry.migrate(conn, registry.MIGRATIONS[:1])
+    conn.close()
+    with registry.Registry(path) as reg:
+        items = [reg.create(sample_lease(pages=n, consumer=f"app{n % 3}"))
+                 for n in range(1, 10)]
+        _walk(reg, items[0], S.FAILED)
+        _walk(reg, items[1], S.EXPORTING, S.REVOKING)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("DROP TABLE usage")
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with registry.Registry(path) as reg:
+        assert reg.provider_pages("sys-gpu") == sum(range(2, 10))
+        assert reg.consumer_usage("app2") == (3, 2 + 5 + 8)
+        assert reg.check_usage() == []
+
+
+def test_migration_2_lists_the_live_states():
+    """Migration 2 spells out the live states of its time: still lease.LIVE
+    (if LIVE changes, a new migration must rebuild the usage table)."""
+    for state in lease.LIVE:
+        assert f"'{state.value}'" in registry.MIGRATIONS[1]
+    for state in lease.FINAL:
+        assert f"'{state.value}'" not in registry.MIGRATIONS[1]
 
 
 def test_filters_and_queries(reg):
@@ -201,7 +253,8 @@ def test_migration_path_keeps_data(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "MIGRATIONS", registry.MIGRATIONS + [step])
     conn = sqlite3.connect(path, isolation_level=None)
     registry.migrate(conn, registry.MIGRATIONS)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == \
+        len(registry.MIGRATIONS)
     assert conn.execute("SELECT note FROM leases").fetchall() == \
         [("migrated",)]
     conn.close()
@@ -213,14 +266,15 @@ def test_failed_migration_leaves_version_and_schema(tmp_path):
     conn = sqlite3.connect(tmp_path / "x.db", isolation_level=None)
     with pytest.raises(sqlite3.OperationalError):
         registry.migrate(conn, registry.MIGRATIONS + ["CREATE TABLE leases (x)"])
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == \
+        len(registry.MIGRATIONS)
 
 
 # -- indexes -------------------------------------------------------------
 
 QUERY_PARAMS = {
-    "get": ("0" * 32,), "consumer_usage": ("app7",),
-    "provider_pages": ("sys-gpu",), "live_of_qube": ("app7", "app7"),
+    "get": ("0" * 32,), "usage": ("app7", "consumer"), "usage_summed": (),
+    "live_of_qube": ("app7", "app7"),
     "past_deadline": (1000.0,), "in_flight": (), "history": ("0" * 32,),
 }
 FILTERED_LISTS = [
@@ -267,6 +321,7 @@ def test_filtered_lists_use_an_index(big_registry, filters):
 def test_queries_answer_right_at_10000_leases(big_registry):
     assert big_registry.consumer_usage("app7") == (100, 200)
     assert big_registry.provider_pages("sys-gpu3") == 2000
+    assert big_registry.check_usage() == []
     assert len(big_registry.in_flight()) == 1100
     assert len(big_registry.leases(state=S.REVOKING)) == 100
 

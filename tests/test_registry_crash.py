@@ -4,8 +4,9 @@ A child process (registry_crash_child.py) changes lease states on a real
 database file and reports each transition only after its commit returned.
 The parent SIGKILLs it at random moments, then checks that the database
 opens, passes SQLite's integrity check, holds every reported transition,
-and that every lease's history is a path of the state machine ending in the
-lease's current state.
+that every lease's history is a path of the state machine ending in the
+lease's current state, and that the usage table (what each qube holds)
+equals the sums over the live leases.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def _check_database(path: pathlib.Path, reported: set[tuple]) -> None:
     with registry.Registry(str(path)) as reg:
         for item in reg.leases():
             _check_lease(item, reg.history(item.id))
+        # every budget equals the sum of its live leases (issue 7)
+        assert reg.check_usage() == []
 
 
 def _check_lease(item: lease.Lease, history: list[registry.Event]) -> None:
