@@ -99,7 +99,8 @@ install-common: install-python $(PKG_MANOUT)/qubes-gpu-share.1
 install-dom0: install-common $(PKG_MANOUT)/qvm-gpu-share.1
 	$(call pkg-program,qubes-gpu-share-broker,qubes_gpu_share.broker)
 	$(call pkg-program,qvm-gpu-share,qubes_gpu_share.cli.admin)
-	install -m 0644 $(PKG_TOP)/systemd/qubes-gpu-share-broker.service $(DESTDIR)$(UNITDIR)/
+	install -m 0644 $(PKG_TOP)/systemd/qubes-gpu-share-broker.service \
+	    $(PKG_TOP)/systemd/qubes-gpu-share-dom0-agent.service $(DESTDIR)$(UNITDIR)/
 	$(call pkg-qubes-rpc,dom0)
 	install -d $(DESTDIR)$(SYSCONFDIR)/qubes/policy.d
 	install -m 0664 $(PKG_TOP)/policy/*.policy $(DESTDIR)$(SYSCONFDIR)/qubes/policy.d/

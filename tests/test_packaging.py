@@ -45,6 +45,7 @@ def expected_files(side: str, *, site: str, unitdir: str, presetdir: str,
         return common | {
             "/usr/bin/qubes-gpu-share-broker", "/usr/bin/qvm-gpu-share",
             f"{unitdir}/qubes-gpu-share-broker.service",
+            f"{unitdir}/qubes-gpu-share-dom0-agent.service",
             "/etc/qubes/policy.d/30-user-gpu-share.policy",
             "/etc/qubes/policy.d/60-gpu-share.policy",
             "/usr/share/man/man1/qvm-gpu-share.1",
@@ -209,6 +210,7 @@ def test_man_pages_render_without_warnings(installed, page):
                     reason="no systemd-analyze here")
 @pytest.mark.parametrize("side, unit, program", [
     ("dom0", "qubes-gpu-share-broker.service", "qubes-gpu-share-broker"),
+    ("dom0", "qubes-gpu-share-dom0-agent.service", "qubes-gpu-share-agent"),
     ("vm", "qubes-gpu-share-agent.service", "qubes-gpu-share-agent")])
 def test_systemd_analyze_verify_passes(installed, side, unit, program):
     """The only message allowed is that ExecStart's program is not on this
