@@ -1,25 +1,27 @@
 #!/usr/bin/env python3
 """Broker throughput (issue 7, item 1): lease grant+release cycles per
-second through the decision core and the durable registry, at 10, 1,000 and
-10,000 live leases over 200 qubes, beside the floor measured in the same
-run on the same disk: fsync'd SQLite commits per second with the registry's
-own pragmas (WAL, synchronous=FULL). Goal: at least 0.4 cycles per floor
-commit at every size.
+second through the broker core (broker/core.py's Broker: decide, the
+durable registry, the agents' answers parsed as they arrive), at 10, 1,000
+and 10,000 live leases over 200 qubes, beside the floor measured in the
+same run on the same disk: fsync'd SQLite commits per second with the
+registry's own pragmas (WAL, synchronous=FULL). Goal: at least 0.4 cycles
+per floor commit at every size.
 
-Why this shape: a pull cycle in the broker is decide() over the usage the
-registry reports, then the durable points of docs/registry.md: (1) create +
-exporting, (2) active, (3) releasing, (4) released. The provider and the
-consumer are answered instantly here (no qrexec, no grants): this measures
-what the broker core adds per cycle, and the floor says what the disk
-allows. Each run measures the floor and the cycles back to back, so the
-ratio compares like with like on this shared, noisy machine.
+Why the broker core: it is what a lease costs in dom0 (admission lock,
+usage from the registry, decide(), the four durable points of
+docs/broker.md, encoding and parsing the agents' messages, the audit log).
+The agents answer at once through the broker's own Agents (no qrexec, no
+grants, no processes): this measures the broker, and the floor says what
+the disk allows. Each run measures the floor and the cycles back to back,
+so the ratio compares like with like on this shared, noisy machine.
 
 Variants:
-- serial: one client, one cycle at a time, four commits per cycle;
-- serial-deferred: one client, `active` and `released` made durable with
-  the next commit instead of their own (docs/registry.md says why that is
-  safe), two commits per cycle;
-- concurrent: CLIENTS asyncio clients through registry.GroupCommit.
+- serial: one client, Broker.lease then Broker.release, one at a time
+  (four commits per cycle, as the broker makes them);
+- serial-defer-released: the same with `released` committed with the next
+  commit instead of its own (a proposal for the broker, modelled here by
+  DeferReleased; docs/bench.md): three commits per cycle;
+- concurrent: CLIENTS clients at once; GroupCommit shares the commits.
 
 Run: .venv/bin/python bench/bench_broker.py [--quick] [--record]
 """
@@ -28,20 +30,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from common import BENCH_DIR, Stats, header, record, table, verdict
 
-from qubes_gpu_share import names
-from qubes_gpu_share.decide import Grant, Kind, Mode, Request, Usage, decide
-from qubes_gpu_share.formats import PAGE_SIZE, ReceiveMode, blob_layout
+from qubes_gpu_share import lease as lease_mod
+from qubes_gpu_share import names, protocol
+from qubes_gpu_share.broker.agents import Agents
+from qubes_gpu_share.broker.core import Broker
+from qubes_gpu_share.formats import PAGE_SIZE, BlobSpec, ReceiveMode, \
+    blob_layout
 from qubes_gpu_share.lease import Initiator, State, new_lease
-from qubes_gpu_share.qubes.info import QubeInfo
+from qubes_gpu_share.protocol import (ExportAnswer, ExportRequest, GrantRefs,
+                                      LeaseRequest, RevokeAnswer)
+from qubes_gpu_share.qrexec import reply
+from qubes_gpu_share.qubes.memory import MemoryQubes
 from qubes_gpu_share.registry import (Create, GroupCommit, Registry,
                                       Transition)
 
@@ -52,15 +61,22 @@ PAGES = 64            # a 256 KiB buffer per lease
 SIZES = (10, 1_000, 10_000)
 CLIENTS = 16
 
-_ROOMY = {"gpu-share-quota-leases": "1024", "gpu-share-quota-pages": "262144"}
-CONSUMERS = [QubeInfo(f"work-{i:03}", "AppVM", True, 10 + i, "pvh",
-                      {"service.gpu-share": "1", **_ROOMY})
-             for i in range(QUBES - PROVIDERS)]
-PROVIDER_INFO = [QubeInfo(f"sys-gpu-{i}", "AppVM", True, 1 + i, "hvm",
-                          {"service.gpu-share-provider": "1",
-                           "gpu-share-budget-pages": "1000000"})
-                 for i in range(PROVIDERS)]
-REFS = tuple(range(8, 8 + PAGES))
+CONSUMERS = [f"work-{i:03}" for i in range(QUBES - PROVIDERS)]
+PROVIDER_NAMES = [f"sys-gpu-{i}" for i in range(PROVIDERS)]
+QUBES_MODEL = {"qubes": [
+    *({"name": name, "running": True, "virt_mode": "pvh",
+       "services": ["gpu-share"],
+       "features": {"gpu-share-quota-leases": "1024",
+                    "gpu-share-quota-pages": "262144"}}
+      for name in CONSUMERS),
+    *({"name": name, "running": True, "virt_mode": "hvm",
+       "services": ["gpu-share-provider"],
+       "features": {"gpu-share-budget-pages": "1000000"}}
+      for name in PROVIDER_NAMES)]}
+REQUEST = LeaseRequest(BlobSpec(PAGES * PAGE_SIZE), ReceiveMode.CPU, 3600)
+_EXPORT_ANSWER = reply.ok_reply(protocol.encode(ExportAnswer(
+    GrantRefs.from_ints(range(8, 8 + PAGES)))))
+_RELEASED = reply.ok_reply(protocol.encode(RevokeAnswer("released")))
 
 
 # -- the floor ---------------------------------------------------------------
@@ -84,43 +100,76 @@ def floor_commits(path: str, commits: int) -> float:
         conn.close()
 
 
-# -- the broker's shape ------------------------------------------------------
+# -- the broker and its instant agents ----------------------------------------
 
-def _request(consumer: QubeInfo, provider: QubeInfo) -> Request:
-    return Request(caller=consumer.name, kind=Kind.LEASE,
-                   consumer=consumer.name, provider=provider.name,
-                   pages=PAGES, mode=Mode.CPU)
-
-
-def admit(reg: Registry, consumer: QubeInfo, provider: QubeInfo) -> Create:
-    """decide() over the registry's usage; the Create the broker records."""
-    count, pages = reg.consumer_usage(consumer.name)
-    usage = Usage(count, pages, reg.provider_pages(provider.name))
-    grant = decide(_request(consumer, provider), consumer, provider, usage, {})
-    if not isinstance(grant, Grant):
-        raise RuntimeError(f"benchmark request refused: {grant}")
-    lease = new_lease(lease_id=names.new_lease_id(), consumer=consumer.name,
-                      provider=provider.name,
-                      consumer_domid=grant.consumer_xid,
-                      provider_domid=grant.provider_xid,
-                      mode=ReceiveMode.CPU, initiator=Initiator.LEASE,
-                      meta=blob_layout(PAGES * PAGE_SIZE), ttl=grant.ttl,
-                      now=time.time())
-    return Create(lease)
+async def instant_agents(qube: str, service: str, payload: bytes):
+    """Every agent at once: grants (export) or confirms (revoke). The
+    broker still encodes its request and parses this answer."""
+    del qube, payload
+    if service.startswith("qubes.GpuExport"):
+        return 0, _EXPORT_ANSWER
+    return 0, _RELEASED
 
 
-def _pair(i: int) -> tuple[QubeInfo, QubeInfo]:
-    return CONSUMERS[i % len(CONSUMERS)], PROVIDER_INFO[i % PROVIDERS]
+class DeferReleased(GroupCommit):
+    """GroupCommit that holds `released` back until the next commit (or
+    ``linger`` seconds), as docs/bench.md proposes for the broker: after a
+    crash such a lease is `releasing` and the provider is asked again
+    (idempotent). Only for measuring the proposal."""
+
+    def __init__(self, registry: Registry, linger: float = 0.05):
+        super().__init__(registry)
+        self._held: list[Transition] = []
+        self._linger = linger
+
+    async def apply(self, changes):
+        if changes and all(isinstance(c, Transition)
+                           and c.state is State.RELEASED for c in changes):
+            self._held.extend(changes)
+            if len(self._held) == len(changes):
+                asyncio.get_running_loop().call_later(
+                    self._linger, self.flush)
+            return [lease_mod.advance(self._registry.get(c.lease_id),
+                                      c.state, reason=c.reason,
+                                      now=time.time()) for c in changes]
+        held, self._held = self._held, []
+        return (await super().apply([*held, *changes]))[len(held):]
+
+    def flush(self) -> None:
+        """Commit what is held (the linger timer, or the end of a run)."""
+        held, self._held = self._held, []
+        if held:
+            self._commit(held)
+
+
+def make_broker(path: str, *, defer_released: bool = False) -> Broker:
+    model = MemoryQubes.from_dict(QUBES_MODEL, service_handler=instant_agents)
+    broker = Broker(Registry(path), model, Agents(model))
+    if defer_released:
+        broker.commits = DeferReleased(broker.registry)
+    return broker
+
+
+def _pair(i: int) -> tuple[str, str]:
+    return CONSUMERS[i % len(CONSUMERS)], PROVIDER_NAMES[i % PROVIDERS]
 
 
 def fill(reg: Registry, live: int) -> None:
-    """``live`` active leases spread over every consumer and provider."""
-    changes = []
+    """``live`` active leases spread over every consumer and provider,
+    written straight into the registry (the broker would take minutes)."""
+    changes: list = []
     for i in range(live):
-        create = admit(reg, *_pair(i))
-        lid = create.lease.id
-        changes += [create, Transition(lid, State.EXPORTING, "fill"),
-                    Transition(lid, State.ACTIVE, "fill", REFS)]
+        consumer, provider = _pair(i)
+        lease = new_lease(lease_id=names.new_lease_id(), consumer=consumer,
+                          provider=provider, consumer_domid=10,
+                          provider_domid=2, mode=ReceiveMode.CPU,
+                          initiator=Initiator.LEASE,
+                          meta=blob_layout(PAGES * PAGE_SIZE), ttl=86400,
+                          now=time.time())
+        changes += [Create(lease),
+                    Transition(lease.id, State.EXPORTING, "fill"),
+                    Transition(lease.id, State.ACTIVE, "fill",
+                               tuple(range(8, 8 + PAGES)))]
         if len(changes) >= 3000:
             reg.apply(changes)
             changes = []
@@ -128,67 +177,40 @@ def fill(reg: Registry, live: int) -> None:
         reg.apply(changes)
 
 
-def serial_cycles(reg: Registry, cycles: int, offset: int) -> float:
-    """Cycles per second, one client, four commits per cycle."""
-    start = time.perf_counter()
+async def _client(broker: Broker, cycles: int, first: int, step: int) -> None:
     for i in range(cycles):
-        create = admit(reg, *_pair(offset + i))
-        lid = create.lease.id
-        reg.apply([create, Transition(lid, State.EXPORTING, "asked")])
-        reg.apply([Transition(lid, State.ACTIVE, "granted", REFS)])
-        reg.apply([Transition(lid, State.RELEASING, "consumer let go")])
-        reg.apply([Transition(lid, State.RELEASED, "provider released")])
-    return cycles / (time.perf_counter() - start)
+        consumer, provider = _pair(first + i * step)
+        answer = await broker.lease(consumer, provider, REQUEST)
+        await broker.release(consumer, answer.lease)
 
 
-def deferred_cycles(reg: Registry, cycles: int, offset: int) -> float:
-    """Cycles per second, one client; `active` and `released` ride along
-    with the next commit (two commits per cycle)."""
-    pending: list[Transition] = []
-    start = time.perf_counter()
-    for i in range(cycles):
-        create = admit(reg, *_pair(offset + i))
-        lid = create.lease.id
-        reg.apply(pending + [create, Transition(lid, State.EXPORTING, "asked")])
-        reg.apply([Transition(lid, State.ACTIVE, "granted", REFS),
-                   Transition(lid, State.RELEASING, "consumer let go")])
-        pending = [Transition(lid, State.RELEASED, "provider released")]
-    reg.apply(pending)
-    return cycles / (time.perf_counter() - start)
-
-
-async def _client(reg: Registry, group: GroupCommit, cycles: int,
-                  index: int) -> None:
-    for i in range(cycles):
-        create = admit(reg, *_pair(index + i * CLIENTS))
-        lid = create.lease.id
-        await group.apply([create, Transition(lid, State.EXPORTING, "asked")])
-        await group.apply([Transition(lid, State.ACTIVE, "granted", REFS)])
-        await group.apply([Transition(lid, State.RELEASING, "let go")])
-        await group.apply([Transition(lid, State.RELEASED, "released")])
-
-
-def concurrent_cycles(reg: Registry, cycles: int,
-                      offset: int) -> tuple[float, float]:
-    """(cycles per second, cycles per commit) with CLIENTS clients."""
-    group = GroupCommit(reg)
-    per_client = max(1, cycles // CLIENTS)
+def cycles_per_second(loop: asyncio.AbstractEventLoop, broker: Broker,
+                      cycles: int, offset: int,
+                      clients: int) -> tuple[float, float]:
+    """(cycles per second, cycles per commit) with ``clients`` clients.
+    One loop for every run: the broker's locks belong to it."""
+    per_client = max(1, cycles // clients)
+    commits = broker.commits.commits
 
     async def run() -> None:
-        await asyncio.gather(*(_client(reg, group, per_client, offset + c)
-                               for c in range(CLIENTS)))
+        await asyncio.gather(*(_client(broker, per_client, offset + c,
+                                       clients) for c in range(clients)))
+        await broker.idle()
+        if isinstance(broker.commits, DeferReleased):
+            broker.commits.flush()
 
     start = time.perf_counter()
-    asyncio.run(run())
+    loop.run_until_complete(run())
     elapsed = time.perf_counter() - start
-    done = per_client * CLIENTS
-    return done / elapsed, done / group.commits
+    done = per_client * clients
+    return done / elapsed, done / max(1, broker.commits.commits - commits)
 
 
-VARIANTS: dict[str, Callable[[Registry, int, int], float]] = {
-    "serial": serial_cycles,
-    "serial-deferred": deferred_cycles,
-    "concurrent": lambda reg, n, off: concurrent_cycles(reg, n, off)[0],
+#: variant -> (clients, defer released)
+VARIANTS: dict[str, tuple[int, bool]] = {
+    "serial": (1, False),
+    "serial-defer-released": (1, True),
+    "concurrent": (CLIENTS, False),
 }
 
 
@@ -199,28 +221,52 @@ def measure(size: int, runs: int, cycles: int, floor_n: int,
     floors: list[float] = []
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
     ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    per_commit: list[float] = []
+    per_commit: dict[str, list[float]] = {v: [] for v in VARIANTS}
     with Registry(reg_path) as reg:
         fill(reg, size)
+    brokers = {name: make_broker(reg_path, defer_released=defer)
+               for name, (_clients, defer) in VARIANTS.items()}
+    loop = asyncio.new_event_loop()
+    try:
         for run in range(runs):
             floor = floor_commits(floor_path, floor_n)
             floors.append(floor)
-            for name, func in VARIANTS.items():
-                if name == "concurrent":
-                    rate, cpc = concurrent_cycles(reg, cycles, run * cycles)
-                    per_commit.append(cpc)
-                else:
-                    rate = func(reg, cycles, run * cycles)
+            for name, (clients, _defer) in VARIANTS.items():
+                rate, cpc = cycles_per_second(loop, brokers[name], cycles,
+                                              run * cycles, clients)
                 rates[name].append(rate)
                 ratios[name].append(rate / floor)
-        held = sum(reg.consumer_usage(c.name)[0] for c in CONSUMERS)
-        if held != size:
-            raise RuntimeError(f"{held} live leases after the runs, "
-                               f"expected {size}")
+                per_commit[name].append(cpc)
+        reg = brokers["serial"].registry
+        held = sum(reg.consumer_usage(c)[0] for c in CONSUMERS)
+        if held != size or reg.check_usage():
+            raise RuntimeError(f"{held} live leases after the runs, expected "
+                               f"{size}; {reg.check_usage()[:3]}")
+        usage_us = Stats.of(_usage_micros(reg))
+    finally:
+        loop.close()
+        for broker in brokers.values():
+            broker.registry.close()
     return {"live": size, "floor": Stats.of(floors).as_dict(),
             "rates": {k: Stats.of(v).as_dict() for k, v in rates.items()},
             "ratios": {k: Stats.of(v).as_dict() for k, v in ratios.items()},
-            "concurrent_cycles_per_commit": Stats.of(per_commit).as_dict()}
+            "cycles_per_commit": {k: Stats.of(v).as_dict()
+                                  for k, v in per_commit.items()},
+            "usage_us": usage_us.as_dict()}
+
+
+def _usage_micros(reg: Registry, runs: int = 21,
+                  batch: int = 200) -> list[float]:
+    """Microseconds for the usage admission reads (consumer + provider)."""
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        for i in range(batch):
+            consumer, provider = _pair(i)
+            reg.consumer_usage(consumer)
+            reg.provider_pages(provider)
+        samples.append((time.perf_counter() - start) / batch * 1e6)
+    return samples
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
@@ -241,8 +287,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         args.runs, args.cycles, args.floor_commits = 2, CLIENTS, 20
         args.sizes = [10]
     os.makedirs(args.dir, exist_ok=True)
-    header("broker throughput: grant+release cycles through decide() and "
-           "the registry",
+    header("broker throughput: grant+release cycles through the broker core",
            f"{QUBES} qubes ({PROVIDERS} providers), {PAGES} pages/lease, "
            f"{args.runs} runs x {args.cycles} cycles per variant, floor "
            f"{args.floor_commits} commits per run, {CLIENTS} concurrent "
@@ -266,9 +311,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     table(["live leases", "variant", "floor commits/s", "cycles/s",
            "cycles per floor commit", "goal", ""], rows)
     for res in results:
-        cpc = Stats(**res["concurrent_cycles_per_commit"])
-        print(f"# concurrent at {res['live']:,} live: {cpc.median:.2f} "
-              f"cycles per registry commit (4 durable points per cycle)")
+        cpc = {name: Stats(**res["cycles_per_commit"][name]).median
+               for name in VARIANTS}
+        usage = Stats(**res["usage_us"])
+        print(f"# at {res['live']:,} live: cycles per registry commit "
+              + ", ".join(f"{k} {v:.2f}" for k, v in cpc.items())
+              + f"; admission usage reads {usage.fmt(1)} us")
     data = {"goal": GOAL, "clients": CLIENTS, "pages": PAGES,
             "results": results}
     if args.record:

@@ -9,10 +9,12 @@ registry, run every query once (baseline RSS), then hold LIVE leases and
 query every qube's usage again (loaded RSS). (loaded - baseline) / LIVE is
 the cost of a lease. Two holders are measured:
 
-- registry: what the registry itself keeps (SQLite's page cache is bounded
-  by its cache_size, so this should not grow with the lease count);
-- registry+objects: the registry and every live lease also held as a
-  lease.Lease in a dict (what a broker that caches live leases would pay).
+- registry: what the registry itself keeps, leases written straight into
+  it (SQLite's page cache is bounded by its cache_size, so this should not
+  grow with the lease count): the floor of any broker;
+- broker: the broker core (bench_broker's Broker with instant agents), every
+  lease taken through Broker.lease as a qube would, so whatever the broker
+  keeps per live lease (locks, timers, caches) is counted.
 
 Run: .venv/bin/python bench/bench_memory.py [--quick] [--record]
 """
@@ -32,7 +34,9 @@ from common import BENCH_DIR, Stats, header, record, table, verdict
 
 GOAL_BYTES = 2048
 LIVE = 10_000
-HOLDERS = ("registry", "registry+objects")
+HOLDERS = ("registry", "broker")
+#: leases the broker is asked for at once while filling (group commit)
+FILL_CLIENTS = 50
 
 
 def rss_bytes() -> int:
@@ -43,32 +47,48 @@ def rss_bytes() -> int:
 
 def child(holder: str, live: int, path: str) -> dict[str, int]:
     """Runs in the child: baseline, fill, loaded (bytes)."""
-    import bench_broker as bb  # noqa: PLC0415 (the child's own import cost)
-    from qubes_gpu_share.lease import LIVE as LIVE_STATES
-    from qubes_gpu_share.registry import Registry
+    import asyncio  # noqa: PLC0415 (the child's own import cost)
 
-    def touch(reg: Registry) -> None:
+    import bench_broker as bb  # noqa: PLC0415
+
+    broker = bb.make_broker(path)
+    reg = broker.registry
+    loop = asyncio.new_event_loop()
+
+    def touch() -> None:
         for consumer in bb.CONSUMERS:
-            reg.consumer_usage(consumer.name)
-        for provider in bb.PROVIDER_INFO:
-            reg.provider_pages(provider.name)
+            reg.consumer_usage(consumer)
+        for provider in bb.PROVIDER_NAMES:
+            reg.provider_pages(provider)
         reg.in_flight()
         reg.past_deadline(0.0)
 
-    with Registry(path) as reg:
-        touch(reg)
+    async def take(first: int) -> None:
+        for i in range(first, live, FILL_CLIENTS):
+            await broker.lease(*bb._pair(i), bb.REQUEST)
+
+    async def take_all() -> None:
+        await asyncio.gather(*(take(c) for c in range(FILL_CLIENTS)))
+
+    try:
+        # one cycle first, so that the baseline has every code path loaded
+        bb.cycles_per_second(loop, broker, 1, 0, 1)
+        touch()
         gc.collect()
         baseline = rss_bytes()
-        bb.fill(reg, live)
-        touch(reg)
-        held = {}
-        if holder == "registry+objects":
-            held = {lease.id: lease for lease in reg.leases()
-                    if lease.state in LIVE_STATES}
-            assert len(held) == live, len(held)
+        if holder == "broker":
+            loop.run_until_complete(take_all())
+        else:
+            bb.fill(reg, live)
+        touch()
+        held = sum(reg.consumer_usage(c)[0] for c in bb.CONSUMERS)
+        assert held == live, held
         gc.collect()
         loaded = rss_bytes()
-    return {"baseline": baseline, "loaded": loaded, "held": len(held)}
+    finally:
+        loop.close()
+        reg.close()
+    return {"baseline": baseline, "loaded": loaded, "held": held}
 
 
 def sample(holder: str, live: int, workdir: str) -> dict[str, int]:
