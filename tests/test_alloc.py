@@ -121,7 +121,7 @@ def test_real_sources_list_udmabuf_and_system_heap_even_when_missing():
     card = DrmNode("/dev/dri/card0", "card", "vgem", Memory.SYSTEM)
     render = DrmNode("/dev/dri/renderD128", "render", "vgem", Memory.SYSTEM)
     names = [s.name for s in alloc.real_sources(Devices(drm=(card, render)))]
-    assert names[-1] == "drm-dumb:card0" and len(names) == 3
+    assert names[-1] == "drm-dumb:card0" and len(names) == 4
 
 
 def test_drm_availability_explains_vram_and_render_nodes():
