@@ -150,7 +150,8 @@ class SimGrantDevice(GrantDevice):
             data = frame(op, payload)
             sent = (self._sock.sendmsg([data], rights(fd)) if fd >= 0
                     else self._sock.send(data))
-            self._sock.sendall(data[sent:])
+            if sent < len(data):  # (no empty send: one syscall per call)
+                self._sock.sendall(data[sent:])
             code, reply, fds = _recv_reply(self._sock)
         if code != STATUS_OK or len(fds) != int(want_fd):
             for extra in fds:
