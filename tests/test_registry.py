@@ -368,3 +368,31 @@ def test_group_commit_isolates_a_bad_request(reg):
     assert ok[0].state == S.REQUESTED
     assert isinstance(refused, lease.IllegalTransition)
     assert [item.id for item in reg.leases()] == [good.id]
+
+
+def test_group_commit_settles_before_anyone_else_runs(reg):
+    """``settled`` runs right after the commit (or refusal) of its request,
+    before any other coroutine could read the registry: a count kept in
+    memory until the registry holds it is never seen twice or not at all."""
+    group = registry.GroupCommit(reg)
+    good, bad = sample_lease(pages=3), sample_lease(pages=5)
+    reserved = {good.id: 3, bad.id: 5}
+    seen = []
+
+    def settle(item):
+        def settled():
+            del reserved[item.id]
+            seen.append(reg.provider_pages("sys-gpu") + sum(reserved.values()))
+        return settled
+
+    async def main():
+        return await asyncio.gather(
+            group.apply([Create(good)], settled=settle(good)),
+            group.apply([Create(bad), Transition(bad.id, S.ACTIVE, "skip")],
+                        settled=settle(bad)),
+            return_exceptions=True)
+
+    ok, refused = asyncio.run(main())
+    assert ok[0].id == good.id and isinstance(refused,
+                                              lease.IllegalTransition)
+    assert reserved == {} and seen == [3 + 5, 3]

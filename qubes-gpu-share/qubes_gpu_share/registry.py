@@ -467,16 +467,25 @@ class GroupCommit:
     commit returned. One request's illegal change must not fail the others:
     if the combined batch is refused, each request's changes are applied
     again on their own, so every request still gets all or nothing.
+
+    ``settled``, when given, is called as soon as the request's changes
+    were committed or refused, before any other coroutine runs: a caller
+    that counts something in memory until it is in the registry (e.g. pages
+    admitted but not yet committed, so that admission need not hold its
+    lock across the fsync) stops counting it exactly when the registry
+    starts, never both or neither.
     """
 
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
-        self._pending: list[tuple[Sequence[Change], asyncio.Future]] = []
+        self._pending: list[tuple[Sequence[Change], asyncio.Future,
+                                  Callable[[], None] | None]] = []
         self.commits = 0
 
-    async def apply(self, changes: Sequence[Change]) -> list[Lease]:
+    async def apply(self, changes: Sequence[Change], *,
+                    settled: Callable[[], None] | None = None) -> list[Lease]:
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((changes, future))
+        self._pending.append((changes, future, settled))
         if len(self._pending) == 1:
             asyncio.get_running_loop().call_soon(self._flush)
         return await future
@@ -484,19 +493,21 @@ class GroupCommit:
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
         try:
-            results = self._commit([c for changes, _ in pending
+            results = self._commit([c for changes, _, _ in pending
                                     for c in changes])
         except Exception:  # pylint: disable=broad-except
-            for changes, future in pending:
-                self._settle(future, changes)
+            for changes, future, settled in pending:
+                self._settle(future, changes, settled)
             return
-        for changes, future in pending:
+        for changes, future, settled in pending:
+            if settled is not None:
+                settled()
             if not future.cancelled():  # committed all the same
                 future.set_result(results[:len(changes)])
             del results[:len(changes)]
 
-    def _settle(self, future: asyncio.Future,
-                changes: Sequence[Change]) -> None:
+    def _settle(self, future: asyncio.Future, changes: Sequence[Change],
+                settled: Callable[[], None] | None) -> None:
         try:
             results = self._commit(changes)
         except Exception as exc:  # pylint: disable=broad-except
@@ -505,6 +516,9 @@ class GroupCommit:
         else:
             if not future.cancelled():
                 future.set_result(results)
+        finally:
+            if settled is not None:
+                settled()
 
     def _commit(self, changes: Sequence[Change]) -> list[Lease]:
         results = self._registry.apply(changes)
