@@ -187,14 +187,13 @@ def test_check_dmabuf_reads_the_pages_behind_an_imported_dmabuf(tmp_path):
 
 def test_follow_model_turns_file_changes_into_qube_events(tmp_path):
     from qubes_gpu_share.qubes.info import EventKind
-    from qubes_gpu_share.simsys.follow import follow_model
     system = SimSystem(tmp_path, QUBES, POLICY)
     model = MemoryQubes.from_file(str(system.layout.qubes_file))
 
     async def main():
         events = model.events()
         task = asyncio.create_task(
-            follow_model(model, system.layout.qubes_file, interval=0.01))
+            model.follow_file(system.layout.qubes_file, interval=0.01))
         await asyncio.sleep(0.05)
         system.set_running("work", False)
         system.set_running("halted", True)

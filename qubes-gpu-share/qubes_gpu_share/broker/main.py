@@ -9,7 +9,8 @@ the journal under systemd.
 
 For the simulated system (``make demo``, end-to-end tests): ``--qubes
 memory:ROOT/qubes.json --sim-router ROOT`` calls the qubes' agents through
-the simulated qrexec router (each qube's service sockets in ROOT/QUBE/rpc).
+the simulated qrexec router (each qube's service sockets in ROOT/QUBE/rpc)
+and follows qube starts and shutdowns written to qubes.json.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import asyncio
 import contextlib
 import dataclasses
 import grp
-import json
 import logging
 import os
 import pathlib
@@ -71,26 +71,28 @@ def make_facts(options: argparse.Namespace) -> QubesFacts:
     if options.qubes == "admin":
         from ..qubes.admin import AdminQubes  # qubesadmin only in dom0
         return AdminQubes()
-    if not options.qubes.startswith("memory:"):
-        raise ValueError(f"--qubes must be admin or memory:FILE, not "
-                         f"{options.qubes!r}")
     from ..qubes.memory import MemoryQubes
-    path = options.qubes[len("memory:"):]
+    path = memory_file(options)
     if options.sim_router is None:
         return MemoryQubes.from_file(path)
     return MemoryQubes.from_file(path, service_handler=sim_router_handler(
-        options.sim_router, path))
+        options.sim_router))
 
 
-def sim_router_handler(root: str, qubes_file: str):
+def memory_file(options: argparse.Namespace) -> str | None:
+    """FILE of ``--qubes memory:FILE``; None for qubesadmin."""
+    if options.qubes == "admin":
+        return None
+    if not options.qubes.startswith("memory:"):
+        raise ValueError(f"--qubes must be admin or memory:FILE, not "
+                         f"{options.qubes!r}")
+    return options.qubes[len("memory:"):]
+
+
+def sim_router_handler(root: str):
     """dom0's calls through the simulated router of ``root``."""
     from ..qrexec.router import Router
-    with open(qubes_file, "rb") as file:
-        names = [q["name"] for q in json.load(file)["qubes"]]
-    root_path = pathlib.Path(root)
-    router = Router(root_path / "policy", {name: root_path / name / "rpc"
-                                           for name in {*names, DOM0}})
-    caller = router.caller(DOM0)
+    caller = Router.from_root(root).caller(DOM0)
 
     async def handler(qube: str, service: str, payload: bytes):
         return await caller.call_service(qube, service, payload, 1 << 20)
@@ -110,6 +112,8 @@ class Daemon:
 
     broker: Broker
     servers: list
+    #: the in-memory model's file, followed for qube start and shutdown
+    model_file: str | None = None
 
     async def start(self) -> None:
         for server in self.servers:
@@ -135,7 +139,8 @@ def build(options: argparse.Namespace) -> Daemon:
         SocketServiceServer(run_dir / "dom0-agent.sock",
                             services.dom0_handlers(), mode=0o660, group=gid),
         AdminServer(str(run_dir / "admin.sock"), AdminApi(broker),
-                    mode=0o660, group=gid)])
+                    mode=0o660, group=gid)],
+        memory_file(options))
 
 
 async def serve(options: argparse.Namespace) -> None:
@@ -150,7 +155,7 @@ async def serve(options: argparse.Namespace) -> None:
     try:
         await daemon.broker.reconcile()
         log.info("broker ready in %s", options.run_dir)
-        runner = asyncio.create_task(daemon.broker.run())
+        runner = asyncio.create_task(run_broker(daemon))
         await stop.wait()
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -158,6 +163,15 @@ async def serve(options: argparse.Namespace) -> None:
     finally:
         await daemon.close()
         log.info("broker stopped")
+
+
+async def run_broker(daemon: Daemon) -> None:
+    """Events and expiry; with ``memory:FILE``, also the file's qube starts
+    and shutdowns (the simulation's stand-in for qubesd's events)."""
+    jobs = [daemon.broker.run()]
+    if daemon.model_file is not None:
+        jobs.append(daemon.broker.facts.follow_file(daemon.model_file))
+    await asyncio.gather(*jobs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,13 +16,21 @@ xid 0, PV) and may be listed to give it features. Running qubes without an
 xid get the next free one, as Xen hands them out; halted qubes have -1.
 Service calls go to the ``service_handler`` given at construction (the
 simulated qrexec router).
+
+The simulation starts and shuts down qubes by rewriting the file;
+:meth:`MemoryQubes.follow_file` (run by the broker when its facts come from
+``memory:FILE``) turns each changed ``running`` into the model's own start
+or stop, which emit the events Qubes would.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import json
+import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -37,6 +45,8 @@ ServiceHandler = Callable[[str, str, bytes], Awaitable[tuple[int, bytes]]]
 _KEYS = frozenset({"name", "running", "xid", "virt_mode", "klass",
                    "services", "features", "tags"})
 _MAX_FILE = 1 << 20
+
+log = logging.getLogger(__name__)
 
 
 async def _no_services(qube: str, service: str, payload: bytes):
@@ -57,19 +67,12 @@ class MemoryQubes(QubesFacts):
     @classmethod
     def from_file(cls, path: str, **kwargs: Any) -> MemoryQubes:
         """Load a model written as in the module docstring."""
-        with open(path, "rb") as file:
-            data = file.read(_MAX_FILE + 1)
-        if len(data) > _MAX_FILE:
-            raise ValueError(f"{path}: larger than {_MAX_FILE} bytes")
-        return cls.from_dict(json.loads(data), **kwargs)
+        return cls.from_dict(_read_file(path), **kwargs)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], **kwargs: Any) -> MemoryQubes:
-        if not isinstance(data, Mapping) or set(data) != {"qubes"} \
-                or not isinstance(data["qubes"], list):
-            raise ValueError('model must be {"qubes": [...]}')
         model = cls(**kwargs)
-        for entry in data["qubes"]:
+        for entry in _entries(data):
             model.add(_qube_from_dict(entry, model))
         return model
 
@@ -85,12 +88,14 @@ class MemoryQubes(QubesFacts):
         used = {q.xid for q in self._qubes.values()}
         return next(x for x in self._next_xid if x not in used)
 
-    def start(self, name: str) -> None:
-        """Start a halted qube with a fresh domain id; emits domain-start."""
+    def start(self, name: str, xid: int | None = None) -> None:
+        """Start a halted qube with domain id *xid* (default: a fresh one);
+        emits domain-start."""
         info = self._qubes[name]
         if info.running:
             raise ValueError(f"qube {name} is already running")
-        self._replace(info, running=True, xid=self.new_xid())
+        self._replace(info, running=True,
+                      xid=self.new_xid() if xid is None else xid)
         self._emit(EventKind.START, name)
 
     def stop(self, name: str) -> None:
@@ -115,6 +120,41 @@ class MemoryQubes(QubesFacts):
     def qube(self, name: str) -> QubeInfo | None:
         return self._qubes.get(name)
 
+    async def follow_file(self, path: str | os.PathLike,
+                          interval: float = 0.05) -> None:
+        """Apply qube starts and shutdowns written to the model file at
+        *path* (see :meth:`apply_file`), until cancelled. Polls the file's
+        mtime: the simulation replaces it atomically, and inotify would be
+        one more dependency for a test seam."""
+        seen = None
+        while True:
+            try:
+                stamp = os.stat(path).st_mtime_ns
+                if stamp != seen:
+                    seen = stamp
+                    self.apply_file(path)
+            except (OSError, ValueError) as exc:
+                log.warning("cannot follow %s: %s", path, exc)
+            await asyncio.sleep(interval)
+
+    def apply_file(self, path: str | os.PathLike) -> None:
+        """Start or stop the qubes whose ``running`` differs in the file;
+        a started qube takes the file's domain id (the one its simulated
+        agent uses). Other changes (new qubes, features) are not followed.
+        The whole file is checked before anything changes."""
+        entries = [_qube_from_dict(entry, self)
+                   for entry in _entries(_read_file(path))]
+        for entry in entries:
+            info = self._qubes.get(entry.name)
+            if info is None or info.is_dom0 or info.running == entry.running:
+                continue
+            if entry.running:
+                self.start(info.name, entry.xid)
+            else:
+                self.stop(info.name)
+            log.info("qube %s %s (from %s)", info.name,
+                     "started" if entry.running else "shut down", path)
+
     def events(self) -> QueuedEventStream:
         stream = QueuedEventStream(lambda: self._streams.discard(stream))
         self._streams.add(stream)
@@ -134,6 +174,23 @@ class MemoryQubes(QubesFacts):
     def _emit(self, kind: EventKind, name: str) -> None:
         for stream in list(self._streams):
             stream.push(QubeEvent(kind, name))
+
+
+def _read_file(path: str | os.PathLike) -> Any:
+    """The model file's JSON, read bounded."""
+    with open(path, "rb") as file:
+        data = file.read(_MAX_FILE + 1)
+    if len(data) > _MAX_FILE:
+        raise ValueError(f"{path}: larger than {_MAX_FILE} bytes")
+    return json.loads(data)
+
+
+def _entries(data: Any) -> list:
+    """The qube entries of a model, ValueError when it is not one."""
+    if not isinstance(data, Mapping) or set(data) != {"qubes"} \
+            or not isinstance(data["qubes"], list):
+        raise ValueError('model must be {"qubes": [...]}')
+    return data["qubes"]
 
 
 def _qube_from_dict(entry: Any, model: MemoryQubes) -> QubeInfo:

@@ -16,9 +16,9 @@ issue 5 fixes it, so that the broker, the agents and the tests agree)::
     ROOT/QUBE/qubes-service/      /run/qubes-service: gpu-share,
                                   gpu-share-provider
 
-This module only writes files (no process is started here) and builds the
-simulated qrexec router from them, so every process of the simulation
-constructs the same router from ROOT alone.
+This module only writes files (no process is started here); every process
+of the simulation builds the same qrexec router from ROOT alone
+(:meth:`..qrexec.router.Router.from_root`).
 """
 
 from __future__ import annotations
@@ -153,15 +153,10 @@ class Layout:
         os.replace(tmp, self.qubes_file)
 
     def router(self, *, assume_yes_for_ask: bool = False) -> Router:
-        """The simulated qrexec router of this system: policy from
-        ROOT/policy, one service directory per qube of qubes.json (dom0
-        included), tags from qubes.json."""
-        qubes = self.read_model()["qubes"]
-        names = {DOM0, *(q["name"] for q in qubes)}
-        tags = {q["name"]: q.get("tags", []) for q in qubes}
-        return Router(self.policy_dir,
-                      {name: self.rpc_dir(name) for name in names},
-                      tags=tags, assume_yes_for_ask=assume_yes_for_ask)
+        """The simulated qrexec router of this system, as every process of
+        it builds it (:meth:`.Router.from_root`)."""
+        return Router.from_root(self.root,
+                                assume_yes_for_ask=assume_yes_for_ask)
 
 
 def build(root: os.PathLike | str, qubes: Sequence[SimQube],
