@@ -92,13 +92,47 @@ BAD_LEASE_CALLS = [
 @pytest.mark.parametrize("what, arg, body", BAD_LEASE_CALLS,
                          ids=[c[0] for c in BAD_LEASE_CALLS])
 def test_bad_lease_calls_get_one_refusal_and_change_nothing(
-        tmp_path, what, arg, body):
+        tmp_path, caplog, what, arg, body):
     async def scenario(path, broker, model):
         return await _call(path, "work", "qubes.GpuLease", arg, body)
 
-    out, broker = _serve(tmp_path, scenario)
-    assert _error(out).code in ("malformed", "same-qube")
+    with caplog.at_level("INFO", logger="qubes_gpu_share.audit"):
+        out, broker = _serve(tmp_path, scenario)
+    code = _error(out).code
+    assert code in ("malformed", "same-qube")
     assert broker.registry.leases() == []
+    assert _audit_lines(caplog) == [
+        f"refused lease=- consumer=work provider={arg or '-'} "
+        f"pages={2 if code == 'same-qube' else 0} "
+        f"reason={code}: {_error(out).message} "
+        f"(qubes.GpuLease+{arg} from work)"]
+
+
+def _audit_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "qubes_gpu_share.audit"]
+
+
+def test_every_refusal_has_one_audit_line(tmp_path, caplog):
+    """Admission (the budget), a release of another qube's lease and a
+    refused offer each leave one ``refused`` line naming what was known."""
+    async def scenario(path, broker, model):
+        model.set_feature("sys-gpu", "gpu-share-budget-pages", "1")
+        budget = await _call(path, "work", "qubes.GpuLease", "sys-gpu",
+                             REQUEST)
+        release = await _call(path, "personal", "qubes.GpuRelease", "",
+                              protocol.encode(ReleaseRequest("ab" * 16)))
+        return budget, release
+
+    with caplog.at_level("INFO", logger="qubes_gpu_share.audit"):
+        (budget, release), _broker = _serve(tmp_path, scenario)
+    lines = _audit_lines(caplog)
+    assert len(lines) == 2 and all(l.startswith("refused ") for l in lines)
+    assert _error(budget).code in lines[0]
+    assert "consumer=work provider=sys-gpu pages=2 reason=budget" in lines[0]
+    assert lines[1].endswith("(qubes.GpuRelease+ from personal)")
+    assert "unknown-lease" in lines[1] and _error(release).code \
+        == "unknown-lease"
 
 
 def test_release_and_list_refuse_other_qubes_leases(tmp_path):

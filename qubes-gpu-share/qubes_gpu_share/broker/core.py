@@ -55,12 +55,19 @@ OFFER_MODE = ReceiveMode.CPU
 
 
 class Refused(Exception):
-    """A request the broker says no to: a stable code and one line."""
+    """A request the broker says no to: a stable code and one line.
 
-    def __init__(self, code: str, message: str):
+    ``about`` is what the audit line of the refusal names, as far as the
+    broker got (audit.decision's keywords: consumer, provider, pages,
+    lease_id); services.py logs it, where every refusal is answered.
+    """
+
+    def __init__(self, code: str, message: str, *, lease: Lease | None = None,
+                 **about):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = protocol.one_line(message)
+        self.about = _audit_fields(lease) if lease is not None else about
 
 
 class Broker:
@@ -111,13 +118,14 @@ class Broker:
         lease = self._own_lease(caller, untrusted_lease_id)
         if caller == lease.provider:
             return await self.revoke(lease.id, f"ended by provider {caller}")
+        if lease.state == State.REVOKING:
+            # the let-go a revocation (TTL, shutdown, admin) is waiting
+            # for: finish now rather than at the next retry
+            return await self.revoke(lease.id, lease.reason)
         async with self._lock(lease.id):
             lease = self.registry.get(lease.id)
-            if lease.state in (State.RELEASING, State.RELEASED):
-                return lease  # a repeated release: already done or under way
             if lease.state != State.ACTIVE:
-                raise Refused("not-active",
-                              f"lease {lease.id} is {lease.state.value}")
+                return _already_ending(lease)
             lease = await self._move(lease, State.RELEASING,
                                      f"released by consumer {caller}")
             return await self._finish(lease)
@@ -187,7 +195,8 @@ class Broker:
             except AgentError as err:
                 await self._export_failed(lease, err)
                 raise Refused("export-failed",
-                              f"{provider} did not grant: {err}") from None
+                              f"{provider} did not grant: {err}",
+                              lease=lease) from None
             lease = await self._move(lease, State.ACTIVE,
                                      f"granted by {provider}", refs=refs)
             answer = _lease_answer(lease, refs)
@@ -206,10 +215,9 @@ class Broker:
             verdict = self._decide(caller, kind, consumer, provider, meta,
                                    mode, ttl)
             if isinstance(verdict, decide.Refusal):
-                audit.decision("refused", consumer=consumer,
-                               provider=provider, pages=meta.pages,
-                               reason=str(verdict))
-                raise Refused(verdict.reason.value, verdict.message)
+                raise Refused(verdict.reason.value, verdict.message,
+                              consumer=consumer, provider=provider,
+                              pages=meta.pages)
             lease = new_lease(
                 lease_id=new_lease_id(), consumer=consumer, provider=provider,
                 consumer_domid=verdict.consumer_xid,
@@ -261,7 +269,7 @@ class Broker:
             self._finals[lease.id] = State.FAILED
             await self._revoke_later(lease, reason,
                                      ask_consumer=not err.answered)
-            raise Refused("delivery-failed", reason) from None
+            raise Refused("delivery-failed", reason, lease=lease) from None
 
     # -- ending, in the safe order --------------------------------------------
 
@@ -433,6 +441,16 @@ def _alive(info: QubeInfo | None, domid: int) -> bool:
     return info is not None and info.running and info.xid == domid
 
 
+def _already_ending(lease: Lease) -> Lease:
+    """A consumer's release of a lease that is not active: a repeated
+    release, or one after the revocation ended, is done; a lease still
+    being exported has nothing to release yet."""
+    if lease.state in (State.RELEASING, State.REVOKING) or lease.state in FINAL:
+        return lease
+    raise Refused("not-active", f"lease {lease.id} is {lease.state.value}",
+                  lease=lease)
+
+
 def _final_state(lease: Lease) -> State:
     if lease.state == State.RELEASING:
         return State.RELEASED
@@ -465,6 +483,10 @@ def _lease_answer(lease: Lease, refs: GrantRefs) -> LeaseAnswer:
                        lease.mode, lease.meta, int(lease.deadline), refs)
 
 
+def _audit_fields(lease: Lease) -> dict:
+    return dict(lease_id=lease.id, consumer=lease.consumer,
+                provider=lease.provider, pages=lease.pages)
+
+
 def _audit(event: str, lease: Lease, reason: str) -> None:
-    audit.decision(event, lease_id=lease.id, consumer=lease.consumer,
-                   provider=lease.provider, pages=lease.pages, reason=reason)
+    audit.decision(event, reason=reason, **_audit_fields(lease))

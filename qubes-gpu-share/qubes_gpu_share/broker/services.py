@@ -33,6 +33,7 @@ from ..qrexec import reply, stream
 from ..qrexec.descriptor import ServiceDescriptor
 from ..qrexec.service import Handler
 from ..qubes.facts import QubesFactsError
+from . import audit
 from .agents import AgentError
 from .core import Broker, Refused
 
@@ -86,9 +87,10 @@ class BrokerServices:
         def as_dom0(handler: Handler) -> Handler:
             async def wrapped(descriptor, reader, writer):
                 if not self._dom0_allowed():
-                    writer.write(refusal("dom0-not-allowed", "dom0 takes "
-                                         f"part only with feature "
-                                         f"{limits.DOM0_OPT_IN}=1 on dom0"))
+                    self._refuse(writer, dataclasses.replace(
+                        descriptor, source=DOM0), "dom0-not-allowed",
+                        f"dom0 takes part only with feature "
+                        f"{limits.DOM0_OPT_IN}=1 on dom0")
                     return
                 await handler(dataclasses.replace(descriptor, source=DOM0),
                               reader, writer)
@@ -130,7 +132,8 @@ class BrokerServices:
         except (protocol.ProtocolError, stream.StreamError) as exc:
             self._refuse(writer, descriptor, "malformed", str(exc))
         except Refused as exc:
-            self._refuse(writer, descriptor, exc.code, exc.message)
+            self._refuse(writer, descriptor, exc.code, exc.message,
+                         exc.about)
         else:
             writer.write(reply.ok_reply(protocol.encode(answer)))
 
@@ -147,7 +150,8 @@ class BrokerServices:
         except protocol.ProtocolError as exc:
             turns.refuse(self._log(descriptor, "malformed", str(exc)))
         except Refused as exc:
-            turns.refuse(self._log(descriptor, exc.code, exc.message))
+            turns.refuse(self._log(descriptor, exc.code, exc.message,
+                                   exc.about))
         else:
             writer.write(protocol.encode(answer))
 
@@ -158,16 +162,34 @@ class BrokerServices:
         except (QubesFactsError, limits.SettingError, AttributeError):
             return False
 
-    def _refuse(self, writer, descriptor, code: str, message: str) -> None:
-        writer.write(refusal(*self._log(descriptor, code, message)))
+    def _refuse(self, writer, descriptor, code: str, message: str,
+                about: dict | None = None) -> None:
+        writer.write(refusal(*self._log(descriptor, code, message, about)))
 
     @staticmethod
-    def _log(descriptor: ServiceDescriptor, code: str,
-             message: str) -> tuple[str, str]:
-        log.warning("%s from %s refused: %s: %s",
-                    descriptor.service_with_arg, descriptor.source, code,
-                    message)
-        return code, protocol.one_line(message)
+    def _log(descriptor: ServiceDescriptor, code: str, message: str,
+             about: dict | None = None) -> tuple[str, str]:
+        """The audit line of a refusal (every one passes here), naming
+        the call and its caller; the parties the request named unless the
+        broker knows better (``about``, from :class:`.core.Refused`)."""
+        message = protocol.one_line(message)
+        audit.decision("refused", **{**_named_parties(descriptor),
+                                     **(about or {})},
+                       reason=f"{code}: {message} "
+                              f"({descriptor.service_with_arg} from "
+                              f"{descriptor.source})")
+        return code, message
+
+
+def _named_parties(descriptor: ServiceDescriptor) -> dict[str, str]:
+    """Consumer and provider as the call names them: the caller and the
+    service argument (qrexec's charset, no spaces), by the service."""
+    other = descriptor.argument or "-"
+    if descriptor.service == LEASE:
+        return {"consumer": descriptor.source, "provider": other}
+    if descriptor.service == OFFER:
+        return {"consumer": other, "provider": descriptor.source}
+    return {}
 
 
 class _OfferTurns:
