@@ -334,3 +334,15 @@ async def test_app_crash_releases_its_leases(system):
             break
         await asyncio.sleep(0.02)
     assert system.broker.leases == {}
+
+
+@in_system
+async def test_revoke_of_a_lease_the_agent_does_not_hold_is_released(system):
+    """After an agent restart (or a revoke repeated after a lost answer)
+    the agent holds nothing under the lease id: released, for both roles,
+    so that the broker does not retry forever."""
+    lease = new_lease_id()
+    for qube, role in (("gpu", Role.PROVIDER), ("work", Role.CONSUMER)):
+        for _ in range(2):
+            answer = await system.broker.revoke_side(qube, lease, role)
+            assert answer.status is RevokeStatus.RELEASED

@@ -65,14 +65,24 @@ class SimProcess:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send *sig* (a crash by default) and reap the process."""
+        if sig in (signal.SIGSTOP, signal.SIGCONT):
+            raise ValueError("a stopped process is not reaped: use pause()")
         if self.running():
             self.proc.send_signal(sig)
         self.proc.wait()
+
+    def pause(self, paused: bool = True) -> None:
+        """Freeze the process (SIGSTOP) or let it go on (SIGCONT): a domain
+        that hangs mid-call, which a test then may kill()."""
+        if self.running():
+            self.proc.send_signal(signal.SIGSTOP if paused
+                                  else signal.SIGCONT)
 
     def stop(self, timeout: float = 5.0) -> int:
         """SIGTERM, then SIGKILL after *timeout*; returns the exit status."""
         if self.running():
             self.proc.terminate()
+            self.proc.send_signal(signal.SIGCONT)  # if paused: act on it
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

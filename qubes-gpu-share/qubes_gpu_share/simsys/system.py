@@ -168,15 +168,23 @@ class SimSystem:
         self.layout.write_model(model)
 
     def shutdown_qube(self, qube: str, timeout: float = 10.0) -> None:
-        """Shut *qube* down the way Qubes does: the broker hears
-        domain-pre-shutdown/domain-shutdown, revokes the qube's leases, and
-        then the domain (its agent) is gone. Waits (bounded) for the broker
-        to end the leases before the agent dies, as a domain's pages stay
-        until its peers unmapped them on real Xen."""
+        """Shut *qube* down as Xen and Qubes would, then wait (bounded) until
+        the broker, hearing domain-shutdown, ended the qube's leases.
+
+        A dying domain's own mappings go with it, but the pages it granted
+        stay until its peers unmapped them (Xen keeps the domain until
+        then). The simulator ends grants when their agent exits, so the
+        agent of a qube that grants pages to a live lease exits only after
+        the broker revoked them (its consumers let go first); any other
+        agent is killed before the event, as its domain dies."""
+        process = self.processes.get(f"agent-{qube}")
+        granting = any(lease.provider == qube
+                       for lease in self.live_leases(qube))
+        if process is not None and not granting:
+            process.kill()  # dies with its domain, telling nobody
         self.set_running(qube, False)
         self.wait_until(lambda: not self.live_leases(qube), timeout,
                         f"the broker did not end {qube}'s leases")
-        process = self.processes.get(f"agent-{qube}")
         if process is not None:
             process.stop()
 
