@@ -32,7 +32,7 @@ from .sim_proto import (ANCILLARY_SIZE, EXPORT, GRANT, HELLO, ID, MAP,
                         MAPPED, STATS, STATS_REPLY, STATUS_OK, WAIT,
                         FrameReader, Op, ProtocolError, SimulatorLimit,
                         decode_error, decode_runs, encode_refs, expand_runs,
-                        frame, rights, split_fixed)
+                        frame, rights, split_fixed, u32_array)
 
 __all__ = ["SimGrantDevice", "SimStats", "SimulatorLimit", "hypervisor"]
 
@@ -176,11 +176,15 @@ def _recv_reply(sock: socket.socket) -> tuple[int, bytes, list[int]]:
 
 
 def _checked_refs(refs: Sequence[int]) -> tuple[int, ...]:
+    """The refs as a tuple, each a u32. The check is array's (in C): a
+    Python test per ref cost 0.4 ms per 32 MiB lease (8,192 refs)."""
     refs = tuple(refs)
     check_page_count(len(refs))
-    if any(not isinstance(ref, int) or not 0 <= ref <= 0xFFFFFFFF
-           for ref in refs):
-        raise errors.MapRefused("grant refs are 32-bit unsigned integers")
+    try:
+        u32_array(refs)
+    except (TypeError, OverflowError):
+        raise errors.MapRefused(
+            "grant refs are 32-bit unsigned integers") from None
     return refs
 
 
