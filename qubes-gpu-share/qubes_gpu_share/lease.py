@@ -34,6 +34,7 @@ provider confirmed, the lease is live and holds budget::
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import enum
 from collections.abc import Sequence
@@ -203,5 +204,9 @@ def advance(lease: Lease, new: State, *, reason: str, now: float,
 def _check_refs(refs: Sequence[int], pages: int) -> None:
     if len(refs) != pages:
         raise InvalidLease(f"{len(refs)} refs for a buffer of {pages} pages")
-    if not all(0 <= ref <= MAX_REF for ref in refs):
-        raise InvalidLease("grant ref out of range (u32)")
+    try:
+        # array checks every ref in C (a Python test per ref cost the broker
+        # 0.3 ms per 32 MiB lease); "I" is a u32 wherever Qubes runs
+        array.array("I", refs)
+    except (TypeError, OverflowError):
+        raise InvalidLease("grant ref out of range (u32)") from None
