@@ -69,9 +69,10 @@ def test_advance_to_active_needs_one_ref_per_page():
                          now=1.0)
     with pytest.raises(lease.InvalidLease, match="2 refs for a buffer of 3"):
         lease.advance(item, S.ACTIVE, reason="ok", now=2.0, refs=(8, 9))
-    with pytest.raises(lease.InvalidLease, match="u32"):
-        lease.advance(item, S.ACTIVE, reason="ok", now=2.0,
-                      refs=(8, 9, 2**32))
+    for bad in (2**32, -1, 9.0, "9", None):
+        with pytest.raises(lease.InvalidLease, match="u32"):
+            lease.advance(item, S.ACTIVE, reason="ok", now=2.0,
+                          refs=(8, 9, bad))
     active = lease.advance(item, S.ACTIVE, reason="ok", now=2.0,
                            refs=[8, 9, 10])
     assert active.refs == (8, 9, 10) and active.updated == 2.0
