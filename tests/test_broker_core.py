@@ -173,6 +173,31 @@ def test_revocation_order_and_busy_consumer_keeps_the_budget(tmp_path):
     assert broker.registry.provider_pages("sys-gpu") == 0
 
 
+def test_consumer_release_during_a_revocation_finishes_it(tmp_path):
+    """The consumer lets go after answering busy: its GpuRelease is the
+    let-go the revocation waits for (not a not-active refusal), the lease
+    ends at once, not at the next retry; a release after the end is Ok."""
+    broker, _model, agents, _clock = make_broker(tmp_path)
+    broker._retry_base = 60.0  # no retry could end it inside this test
+    agents.busy.add(("work", "consumer"))
+
+    async def main():
+        answer = await broker.lease("work", "sys-gpu", REQUEST)
+        lease = await broker.revoke(answer.lease, "revoked by admin")
+        assert lease.state == State.REVOKING
+        agents.busy.clear()
+        lease = await broker.release("work", answer.lease)
+        assert lease.state == State.REVOKED
+        assert (await broker.release("work", answer.lease)).state \
+            == State.REVOKED
+        return lease.id
+
+    lease_id = run(main())
+    assert agents.revokes(lease_id)[-2:] == [("work", "consumer"),
+                                             ("sys-gpu", "provider")]
+    assert broker.registry.provider_pages("sys-gpu") == 0
+
+
 @pytest.mark.parametrize("dead, final", [("provider", State.REVOKED),
                                          ("consumer", State.REVOKING)])
 def test_an_agent_that_is_not_there(tmp_path, dead, final):
