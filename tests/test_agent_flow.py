@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import os
@@ -150,6 +151,7 @@ def in_system(test):
         async def main():
             async with running_system(tmp_path, hv) as system:
                 await test(system)
+        gc.collect()  # earlier tests' garbage must not close fds mid-way
         before = _fds()
         asyncio.run(main())
         assert hazards() == 0
