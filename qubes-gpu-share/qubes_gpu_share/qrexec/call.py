@@ -93,10 +93,11 @@ class Conversation:
         """Shut down the write side: the service sees EOF."""
         if self._writer is None or self._writer.is_closing():
             return
-        if self._writer.can_write_eof():
-            self._writer.write_eof()
-        else:
-            self._writer.close()
+        with contextlib.suppress(ConnectionError):
+            if self._writer.can_write_eof():
+                self._writer.write_eof()
+            else:
+                self._writer.close()
 
     async def read_message(self, max_len: int, terminator: bytes = b"\n") -> bytes:
         """One message of the answer; qrexec's failure when there is none."""
@@ -104,7 +105,13 @@ class Conversation:
             return await stream.read_message(self._reader, max_len, terminator)
         except stream.StreamClosed:
             await self._fail_on_status()
-            raise
+            raise QrexecProblem(f"{self.service_with_arg} to {self.target}: "
+                                "the answer ended early") from None
+        except stream.StreamError as exc:
+            raise QrexecProblem(f"{self.service_with_arg} to {self.target}: "
+                                f"{exc}") from None
+        except ConnectionError as exc:
+            raise self._gone(exc) from None
 
     async def read_to_eof(self, max_len: int) -> bytes:
         """The rest of the answer, bounded."""
@@ -112,6 +119,14 @@ class Conversation:
             return await stream.read_to_eof(self._reader, max_len)
         except stream.StreamError as exc:
             raise OutputTooLong(f"{self.service_with_arg}: {exc}") from None
+        except ConnectionError as exc:
+            raise self._gone(exc) from None
+
+    def _gone(self, exc: ConnectionError) -> QrexecProblem:
+        """The service's end vanished mid-call (its daemon died): qrexec's
+        trouble for the caller, like any other broken call."""
+        return QrexecProblem(f"{self.service_with_arg} to {self.target}: "
+                             f"the service went away ({exc.strerror})")
 
     async def wait(self) -> int:
         """Close the call and return its exit status."""
