@@ -31,6 +31,11 @@ from .provider import Provided, Provider
 
 log = logging.getLogger(__name__)
 
+#: Seconds before the first retry of a release dom0 did not receive, and
+#: the longest wait between retries.
+RELEASE_RETRY = 0.2
+RELEASE_RETRY_MAX = 10.0
+
 SERVICE_FOR_ROLE = {Role.CONSUMER: "gpu-share",
                     Role.PROVIDER: "gpu-share-provider"}
 
@@ -81,6 +86,8 @@ class Agent:
         self._allocator = allocator
         #: set by the app server: notify(connection, lease)
         self.notify_app = lambda connection, lease: None
+        #: releases that did not reach dom0, retried in the background
+        self._retrying: dict[str, asyncio.Task] = {}
 
     def _notify_revoke(self, connection: object, lease: str) -> None:
         self.notify_app(connection, lease)
@@ -210,7 +217,39 @@ class Agent:
         elif provided is None or provided.owner is not holder:
             raise AgentError("not-yours", f"lease {lease} is not held by "
                              f"this connection")
-        await self.link.release(lease)
+        await self._release_at_broker(lease)
+
+    async def _release_at_broker(self, lease: str) -> None:
+        """Tell dom0. A call that did not get through (dom0's broker is
+        restarting) would leave the lease active until its TTL, with our
+        side let go already and the application unable to ask again: the
+        agent retries it in the background until dom0 answers."""
+        try:
+            await self.link.release(lease)
+        except BrokerRefused as exc:
+            if exc.code != "qrexec":
+                raise
+            log.warning("lease %s: release did not reach dom0 (%s): "
+                        "retrying", lease, exc)
+            if lease not in self._retrying:
+                self._retrying[lease] = asyncio.get_running_loop(
+                    ).create_task(self._retry_release(lease))
+
+    async def _retry_release(self, lease: str) -> None:
+        delay = RELEASE_RETRY
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RELEASE_RETRY_MAX)
+                try:
+                    await self.link.release(lease)
+                    return
+                except BrokerRefused as exc:
+                    if exc.code != "qrexec":
+                        log.warning("lease %s: release: %s", lease, exc)
+                        return
+        finally:
+            self._retrying.pop(lease, None)
 
     async def connection_closed(self, holder: object) -> None:
         """Every lease an application held or offered ends with it."""
