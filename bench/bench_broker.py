@@ -122,18 +122,21 @@ class DeferReleased(GroupCommit):
         self._held: list[Transition] = []
         self._linger = linger
 
-    async def apply(self, changes):
+    async def apply(self, changes, *, settled=None):
         if changes and all(isinstance(c, Transition)
                            and c.state is State.RELEASED for c in changes):
             self._held.extend(changes)
             if len(self._held) == len(changes):
                 asyncio.get_running_loop().call_later(
                     self._linger, self.flush)
+            if settled is not None:
+                settled()
             return [lease_mod.advance(self._registry.get(c.lease_id),
                                       c.state, reason=c.reason,
                                       now=time.time()) for c in changes]
         held, self._held = self._held, []
-        return (await super().apply([*held, *changes]))[len(held):]
+        return (await super().apply([*held, *changes],
+                                    settled=settled))[len(held):]
 
     def flush(self) -> None:
         """Commit what is held (the linger timer, or the end of a run)."""
