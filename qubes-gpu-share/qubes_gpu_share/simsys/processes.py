@@ -9,6 +9,7 @@ reads when something went wrong.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import pathlib
@@ -20,6 +21,17 @@ import time
 from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> None:
+    """In the child: be killed when the process that started us dies, so a
+    test runner that crashes or is killed leaves no simulated qube behind
+    (each child has its own session, so no signal reaches it otherwise)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class SimProcessError(RuntimeError):
@@ -37,7 +49,8 @@ class SimProcess:
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log_file,
-                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                preexec_fn=_die_with_parent)
         log.debug("started %s (pid %d): %s", name, self.proc.pid,
                   " ".join(self.argv))
 
