@@ -22,7 +22,9 @@ exponential backoff until it confirms.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -84,6 +86,8 @@ class Broker:
         self._retry_base = retry_base
         self._retry_max = retry_max
         self._admission = asyncio.Lock()
+        #: admitted, not yet committed: (what, qube) -> leases or pages
+        self._admitted: collections.Counter = collections.Counter()
         self._locks: dict[str, asyncio.Lock] = {}
         self._attempts: dict[str, int] = {}
         self._finals: dict[str, State] = {}
@@ -224,13 +228,25 @@ class Broker:
                 provider_domid=verdict.provider_xid, mode=mode,
                 initiator=Initiator(kind.value), meta=meta, ttl=verdict.ttl,
                 now=self._clock(), reason=f"{kind.value} by {caller}")
-            lease = (await self.commits.apply([
-                Create(lease),
-                Transition(lease.id, State.EXPORTING,
-                           f"export asked of {provider}")]))[-1]
+            # counted by admission until the registry counts it, so that
+            # the commit (an fsync) need not hold the admission lock
+            self._unsettled(lease, 1)
+        lease = (await self.commits.apply([
+            Create(lease),
+            Transition(lease.id, State.EXPORTING,
+                       f"export asked of {provider}")],
+            settled=functools.partial(self._unsettled, lease, -1)))[-1]
         self._deadline_changed.set()
         _audit("granted", lease, f"{kind.value} by {caller}")
         return lease
+
+    def _unsettled(self, lease: Lease, sign: int) -> None:
+        """Count (1) or stop counting (-1) an admitted lease's charge."""
+        self._admitted[("leases", lease.consumer)] += sign
+        self._admitted[("consumer pages", lease.consumer)] += \
+            sign * lease.pages
+        self._admitted[("provider pages", lease.provider)] += \
+            sign * lease.pages
 
     def _decide(self, caller: str, kind: Kind, consumer: str, provider: str,
                 meta: BufferMeta, mode: ReceiveMode, ttl: int):
@@ -241,8 +257,12 @@ class Broker:
         except QubesFactsError as exc:
             return decide.Refusal(decide.Reason.QUBES_UNAVAILABLE, str(exc))
         leases, pages = self.registry.consumer_usage(consumer)
-        usage = decide.Usage(leases, pages,
-                             self.registry.provider_pages(provider))
+        held = self._admitted
+        usage = decide.Usage(
+            leases + held[("leases", consumer)],
+            pages + held[("consumer pages", consumer)],
+            self.registry.provider_pages(provider)
+            + held[("provider pages", provider)])
         request = decide.Request(
             caller=caller, kind=kind, consumer=consumer, provider=provider,
             pages=meta.pages, mode=decide.Mode(mode.value), ttl=ttl,
