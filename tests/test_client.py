@@ -84,6 +84,27 @@ def test_offer_reaches_the_consumer_application(system):
         os.close(memfd)
 
 
+def test_a_lease_nobody_holds_can_be_released_by_any_application(system):
+    """An offer the consumer never took is released from the consumer's
+    side by id (what `qubes-gpu-share release ID` does); an id that is not
+    this qube's is refused by dom0."""
+    memfd = os.memfd_create("shm", os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(memfd, 4096)
+        with app(system, "work") as work, app(system, "sys-gpu") as gpu:
+            lease = work.offer("sys-gpu", memfd, nbytes=4096, ttl=60)
+            system.wait_until(lambda: system.live_leases(), 10,
+                              "the offer did not become a lease")
+            gpu.release(lease)
+            system.wait_until(lambda: not system.live_leases(), 10,
+                              "the untaken offer was not released")
+            with pytest.raises(client.ClientError) as refused:
+                gpu.release("0" * 32)
+            assert refused.value.code == "unknown-lease"
+    finally:
+        os.close(memfd)
+
+
 @pytest.mark.parametrize("qube, provider, kwargs, code", [
     ("sys-gpu", "work", SMALL, "policy-denied"),
     ("work", "sys-gpu", dict(width=99999, height=1, fourcc="XR24"),

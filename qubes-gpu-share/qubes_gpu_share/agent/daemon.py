@@ -73,6 +73,12 @@ class Roles:
         return (self._dir / service).exists()
 
 
+def _check_holder(lease: str, holder: object | None, caller: object) -> None:
+    if holder is not None and holder is not caller:
+        raise AgentError("not-yours", f"lease {lease} is held by another "
+                         f"application")
+
+
 class Agent:
     """Both roles of one qube's agent."""
 
@@ -207,16 +213,21 @@ class Agent:
         return (await self.link.list()).leases
 
     async def release(self, lease: str, holder: object) -> None:
-        """An application lets go of a lease it holds or offered."""
+        """An application lets go of a lease it holds or offered, or of one
+        of this qube's leases that no application holds (an offered lease
+        nobody took, an export; ``qubes-gpu-share release``). A lease
+        another application holds is refused: only its holder may end it.
+        One this agent does not know goes to dom0, which refuses it unless
+        it is this qube's."""
         received = self.consumer.get(lease)
         provided = self.provider.get(lease)
-        if received is not None and received.holder is holder:
+        if received is not None:
+            _check_holder(lease, received.holder, holder)
             if not await self.consumer.let_go(lease):
                 raise AgentError("busy", "a copy of the dma-buf is still "
                                  "open")
-        elif provided is None or provided.owner is not holder:
-            raise AgentError("not-yours", f"lease {lease} is not held by "
-                             f"this connection")
+        elif provided is not None:
+            _check_holder(lease, provided.owner, holder)
         await self._release_at_broker(lease)
 
     async def _release_at_broker(self, lease: str) -> None:
