@@ -7,7 +7,7 @@ SCM_RIGHTS; appproto.py has the messages). Who may connect:
   given), so the file system is the first gate;
 * then every connection's SO_PEERCRED is checked: the peer's uid must be
   root, the agent's own uid or one of the allowed uids (``--app-user``), or
-  its gid one of the allowed gids (``--app-group``). In a qube that is the
+  a member (primary or supplementary) of the ``--app-group``. In a qube that is the
   default user ``user``; in dom0 the GUI user. Anyone else is refused with
   one line and the connection is closed.
 
@@ -22,9 +22,11 @@ import array
 import asyncio
 import contextlib
 import dataclasses
+import grp
 import itertools
 import logging
 import os
+import pwd
 import socket
 import struct
 from typing import Any
@@ -52,7 +54,22 @@ class PeerPolicy:
 
     def allows(self, uid: int, gid: int) -> bool:
         return uid in (0, os.geteuid()) or uid in self.uids \
-            or gid in self.gids
+            or gid in self.gids or self._member(uid)
+
+    def _member(self, uid: int) -> bool:
+        """A supplementary member of an allowed group: in a qube the user
+        ``user`` is in group ``qubes`` only as a supplementary group (its
+        primary group is ``user``), which SO_PEERCRED does not show.
+        Looked up at each connection, so a change to /etc/group counts."""
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return False
+        for gid in self.gids:
+            with contextlib.suppress(KeyError):
+                if user in grp.getgrgid(gid).gr_mem:
+                    return True
+        return False
 
 
 class _Packets:

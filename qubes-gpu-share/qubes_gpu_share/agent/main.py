@@ -125,9 +125,15 @@ async def run_agent(options: argparse.Namespace,
     device = open_grant_device(grant_spec)
     allocator = choose_allocator(options.allocator,
                                  grant_spec.startswith("sim:"))
-    roles = Roles(options.services_dir) \
-        if options.services_dir != SERVICES_DIR \
-        else Roles.with_qubesdb(options.services_dir)
+    if options.dom0:
+        # dom0 has no /run/qubes-service: its roles are its features
+        # (qvm-service dom0 gpu-share...), which the broker checks on every
+        # request it routes to this agent (decide.py).
+        roles = Roles.decided_by_broker()
+    elif options.services_dir != SERVICES_DIR:
+        roles = Roles(options.services_dir)
+    else:
+        roles = Roles.with_qubesdb(options.services_dir)
     agent = Agent(name, device, allocator,
                   BrokerLink(broker_caller(options, name)), roles)
     agent.consumer.revoke_wait = options.revoke_wait
