@@ -62,7 +62,7 @@ def boot_once(log, timeout, stall):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--timeout", type=int, default=900)
-    ap.add_argument("--stall", type=int, default=240)
+    ap.add_argument("--stall", type=int, default=300)
     ap.add_argument("--tries", type=int, default=2)
     a = ap.parse_args()
     log = os.path.join(OUT, "serial.log")

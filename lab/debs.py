@@ -46,7 +46,8 @@ GROUPS = {
     # xl, xenstored, xenconsoled and their libraries, for dom0
     "xentools": (["xen-utils-4.17", "xenstore-utils", "libgcc-s1"], True),
     # the interpreter for the project's code in both domains
-    "python": (["python3.11-minimal", "libpython3.11-stdlib"], True),
+    "python": (["python3.11-minimal", "libpython3.11-stdlib",
+                "libudev1"], True),     # libudev: pyudev finds devices
     # /bin/sh and the small tools of both initramfs images
     "busybox": (["busybox-static"], False),
 }

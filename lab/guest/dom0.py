@@ -1,18 +1,49 @@
-"""dom0's side of the lab (PV dom0): start each domU, play the provider,
-relay the domUs' results. Printed on the console, read by lab/report.py."""
+"""dom0's side of the lab (PV dom0, gntdev built from Debian's source with
+the dma-buf ioctls): check dom0 itself, then start each domU, provide its
+leases through the project's provider agent, check what the domU wrote
+back, release in the safe order, and relay the domU's results."""
 
+import logging
 import os
 import platform
+import threading
 import time
 
 import labio
-from labio import emit, log, run
+from labio import emit, run
+import lease_lab as L
+import checks
 
 XL = "xl"
 CONSOLE_LOG = "/var/log/xen/console/guest-{}.log"
+#: how long dom0 waits for a domU's next step (it boots Python under TCG)
+STEP_TIMEOUT = 150
+
+#: the domUs, in order: name, xl type, gntdev builds to try in turn, the
+#: steps it runs (domu.py). A PVH domU's kernel has been seen to oops after
+#: grant mappings (lab/README.md), so the PVH steps get a fresh domU each:
+#: one kernel's failure cannot hide another step's result.
+DOMUS = (("pv", "pv", "stock,upstream,fixed", "cross,self,probe,contract,sanity"),
+         ("pvh", "pvh", "stock,upstream,fixed", "cross,sanity"),
+         ("pvh-self", "pvh", "stock", "self,sanity"),
+         ("pvh-probe", "pvh", "upstream", "probe,sanity"))
+#: after a domU's kernel oopsed, give it this long to print the trace
+OOPS_GRACE = 15
 
 
-def start_domu(name, virt, role, gntdev):
+class WarningsSeen(logging.Handler):
+    """Collects the agent's warnings: a revoke that failed is logged there
+    (Provider.revoke reports, it does not raise)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def start_domu(name, virt, gntdev, steps):
     cfg = f"/tmp/{name}.cfg"
     with open(cfg, "w") as f:
         f.write(f'''name = "{name}"
@@ -21,7 +52,7 @@ kernel = "/lab/boot/vmlinuz"
 ramdisk = "/lab/boot/domu.img"
 memory = 512
 vcpus = 1
-extra = "console=hvc0 loglevel=3 lab.role={role} lab.gntdev={gntdev} lab.dom={name}"
+extra = "console=hvc0 loglevel=3 lab.dom={name} lab.gntdev={gntdev} lab.steps={steps}"
 on_poweroff = "destroy"
 on_reboot = "destroy"
 on_crash = "destroy"
@@ -33,42 +64,217 @@ on_crash = "destroy"
     return domid
 
 
-def finish_domu(name, t0, timeout):
-    """Wait until the domU has powered off (destroy it after timeout), then
-    relay its results and the tail of its console."""
+class ConsoleRelay(threading.Thread):
+    """Copies a domU's console (xenconsoled's log) to dom0's as it grows:
+    results arrive in order and a hang shows where it happened."""
+
+    def __init__(self, name):
+        super().__init__(daemon=True)
+        self.name_, self.stop = name, threading.Event()
+        self.oops, self.oops_at = [], None
+
+    def dead(self):
+        return (self.oops_at is not None
+                and time.monotonic() - self.oops_at > OOPS_GRACE)
+
+    def run(self):
+        path, f, part = CONSOLE_LOG.format(self.name_), None, ""
+        while True:
+            stopping = self.stop.is_set()
+            if f is None and os.path.exists(path):
+                f = open(path, errors="replace")
+            if f is not None:
+                part += f.read()
+                *lines, part = part.split("\n")
+                for line in lines:
+                    if any(w in line for w in ("BUG:", "Oops", "WARNING:",
+                                               "Kernel panic")):
+                        self.oops.append(line.strip())
+                        self.oops_at = self.oops_at or time.monotonic()
+                    print(line if line.startswith("LAB-RESULT ")
+                          else f"[{self.name_}] {line}", flush=True)
+            if stopping:
+                if part:
+                    print(f"[{self.name_}] {part}", flush=True)
+                return
+            time.sleep(0.3)
+
+
+def finish_domu(name, t0, timeout, relay):
+    """Wait until the domU has powered off (destroy it after timeout)."""
     deadline = time.monotonic() + timeout
     ok = True
     while run([XL, "domid", name], check=False, timeout=30).strip().isdigit():
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or relay.dead():
             run([XL, "destroy", name], check=False, timeout=60)
-            ok = False
+            ok = relay.dead()     # an oops is reported on its own
             break
         time.sleep(0.5)
+    relay.stop.set()
+    relay.join()
+    # a kernel that oopsed in the domU fails the run whatever it printed
+    emit("domu-kernel-clean", not relay.oops, domu=name, oops=relay.oops[:12])
     emit("domu-run", ok, domu=name, ms=round((time.monotonic() - t0) * 1000),
          timeout_s=timeout)
+
+
+class Leases:
+    """dom0 as provider for one domU: the two cpu-mode leases (udmabuf ->
+    IMP_TO_REFS, gntalloc) and the small grant for the dma-buf checks."""
+
+    def __init__(self, domid, name):
+        from qubes_gpu_share.agent.provider import Provider
+        from qubes_gpu_share.alloc.udmabuf import UdmabufAllocator
+        from qubes_gpu_share.grant.gntdev import GntdevDevice
+        from qubes_gpu_share.names import new_lease_id
+        from qubes_gpu_share.protocol import Error, ExportRequest
+
+        self.domid, self.name, self.base = domid, name, L.base(domid)
+        self.device = GntdevDevice()
+        self.providers, self.leases = {}, {}
+        for mode in L.PROVIDE_MODES:
+            provider = Provider(self.device, UdmabufAllocator()
+                                if mode == "udmabuf" else None)
+            lease = new_lease_id()
+            with labio.Timer() as t:
+                answer = provider.export(ExportRequest(
+                    lease, f"lab-{name}", domid, L.META))
+                if isinstance(answer, Error):
+                    emit("provide", False, mode=mode, to=name,
+                         error=answer.message)
+                    continue
+                fd, off, length = provider.get(lease).dup_fd()
+                buf = L.map_fd(fd, off, length)
+                os.close(fd)
+                buf[:] = L.picture(L.SEED_PROVIDER)
+            emit("provide", True, mode=mode, to=name, pages=L.META.pages,
+                 ms=t.ms)
+            self.providers[mode], self.leases[mode] = provider, (lease, buf)
+            labio.xs_write(f"{self.base}/{mode}/lease", lease)
+            labio.xs_write_ints(f"{self.base}/{mode}/refs",
+                                list(answer.refs))
+        # the dma-buf receive checks: gntalloc pages with known bytes
+        self.recv = self.device.grant_new_pages(L.RECV_PAGES, domid)
+        self.recv_buf = self.recv.view().mmap()
+        self.recv_buf[:] = L.recv_bytes()
+        labio.xs_write_ints(f"{self.base}/recv/refs", list(self.recv.refs))
+        labio.xs_write(f"{self.base}/ready", 1)
+
+    def check_written_back(self, mode):
+        """The domU overwrote the picture through its mapping: dom0 must
+        see the consumer's picture in its own buffer."""
+        labio.xs_wait(f"{self.base}/{mode}/written", STEP_TIMEOUT)
+        lease, buf = self.leases[mode]
+        where = L.differs(buf, L.picture(L.SEED_CONSUMER))
+        emit("provider-sees-write", where is None, mode=mode, of=self.name,
+             first_difference=where)
+
+    def release_after_consumer(self, mode):
+        """The safe order: the consumer unmapped and said so; only then
+        IMP_RELEASE (or gntalloc dealloc), which must succeed."""
+        labio.xs_wait(f"{self.base}/{mode}/released", STEP_TIMEOUT)
+        lease, buf = self.leases.pop(mode)
+        buf.close()
+        seen = WarningsSeen()
+        logging.getLogger("qubes_gpu_share.agent.provider").addHandler(seen)
+        with labio.Timer() as t:
+            answer = self.providers[mode].revoke(lease)
+        emit("provider-release", not seen.messages, mode=mode, of=self.name,
+             answer=answer.status.value, warnings=seen.messages, ms=t.ms)
+
+    def check_regrant(self):
+        """With the fixed gntdev the domU turns our refs into a dma-buf and
+        grants that back to dom0: map it and look for our bytes. Beside it,
+        the control: a udmabuf of the domU's with the same bytes."""
+        refs = labio.xs_read_ints(f"{self.base}/regrant/refs", STEP_TIMEOUT)
+        if not refs:
+            return          # the domU had no dma-buf to re-grant
+        control = labio.xs_read_ints(f"{self.base}/control/refs", 10)
+        verdicts = {}
+        for what, r in (("control", control), ("regrant", refs)):
+            verdicts[what] = self.map_and_compare(r)
+            emit(f"dom0-maps-{what}", verdicts[what] == "same", of=self.name,
+                 pages=len(r), verdict=verdicts[what])
+        labio.xs_write(f"{self.base}/regrant/checked", verdicts["regrant"])
+
+    def map_and_compare(self, refs):
+        from qubes_gpu_share.grant.errors import GrantError
+        try:
+            with self.device.map_grant(self.domid, refs, writable=False) as m:
+                view = m.mmap(False)
+                where = L.differs(view, L.recv_bytes())
+                view.close()
+            return "same" if where is None else f"differs at {where}"
+        except GrantError as e:
+            return f"map failed: {e}"
+
+    def close(self):
+        labio.xs_wait(f"{self.base}/done", STEP_TIMEOUT)
+        self.recv_buf.close()
+        self.recv.revoke()
+
+
+GNTALLOC_LIMIT = "/sys/module/xen_gntalloc/parameters/limit"
+
+
+def gntalloc_limit():
+    """xen-gntalloc caps the pages one domain allocates (module parameter
+    `limit`, default 1024): a full-HD frame (2025 pages) does not fit.
+    Record the refusal, then raise the limit as an admin would."""
+    from qubes_gpu_share.grant.gntdev import GntdevDevice
+    limit = int(open(GNTALLOC_LIMIT).read())
+    got, why, grant = checks.outcome(
+        lambda: GntdevDevice().grant_new_pages(L.META.pages, 0))
+    if grant is not None:
+        grant.revoke()
+    with open(GNTALLOC_LIMIT, "w") as f:
+        f.write("65536")
+    emit("gntalloc-default-limit", None, limit=limit, pages=L.META.pages,
+         observed=got, reason=why, raised_to=65536)
+
+
+def serve_domu(name, virt, gntdev, steps):
+    t0 = time.monotonic()
+    fds_before = len(os.listdir("/proc/self/fd"))
+    domid = start_domu(name, virt, gntdev, steps)
+    relay = ConsoleRelay(name)
+    relay.start()
+    labio.ABORT = relay.dead
+    leases = None
     try:
-        lines = open(CONSOLE_LOG.format(name), errors="replace").read().splitlines()
-    except OSError as e:
-        lines = [f"(no console log: {e})"]
-    for line in lines:
-        if line.startswith("LAB-RESULT "):
-            print(line, flush=True)
-        else:
-            print(f"[{name}] {line}", flush=True)
+        if "cross" in steps.split(","):
+            leases = Leases(domid, name)
+            for mode in L.PROVIDE_MODES:
+                leases.check_written_back(mode)
+                leases.release_after_consumer(mode)
+            leases.check_regrant()
+            leases.close()
+    except Exception as e:  # noqa: BLE001 - recorded; the domU is still waited for
+        emit("dom0-serves", False, of=name, error=f"{type(e).__name__}: {e}")
+    finish_domu(name, t0, STEP_TIMEOUT * 2, relay)
+    labio.ABORT = leases = None
+    fds_after = len(os.listdir("/proc/self/fd"))
+    emit("dom0-fds-after-domu", fds_after == fds_before, of=name,
+         before=fds_before, after=fds_after)
 
 
 def environment():
+    info = run([XL, "info"], timeout=60)
+    xen = info.split("xen_version")[1].split(":")[1].split()[0]
     emit("env", None, kernel=platform.release(), guest_type=labio.guest_type(),
-         python=platform.python_version(),
-         xen=run([XL, "info"], timeout=60).split("xen_version")[1].split(":")[1].split()[0])
+         python=platform.python_version(), xen=xen,
+         qemu_cpu=os.environ.get("LAB_QEMU_CPU", "qemu64,+svm,+npt"))
 
 
 def main():
     environment()
-    for name, virt in (("pv", "pv"), ("pvh", "pvh")):
-        t0 = time.monotonic()
-        start_domu(name, virt, "hello", "upstream")
-        finish_domu(name, t0, 300)
+    checks.native_imports()
+    checks.probe_matches("upstream")
+    checks.contract_suite()
+    checks.drm_buffers()
+    gntalloc_limit()
+    for domu in DOMUS:
+        serve_domu(*domu)
     print("LAB-DONE", flush=True)
 
 

@@ -98,6 +98,7 @@ def xs_write(path, value):
 def xs_wait(path, timeout):
     """Poll until path exists; its value."""
     deadline = time.monotonic() + timeout
+    log(f"waiting for {path}")
     while True:
         p = subprocess.run(["xenstore-read", path], stdout=subprocess.PIPE,
                            stderr=subprocess.DEVNULL, text=True, timeout=30)
@@ -105,7 +106,18 @@ def xs_wait(path, timeout):
             return p.stdout.rstrip("\n")
         if time.monotonic() > deadline:
             raise TimeoutError(f"xenstore {path}: nothing after {timeout} s")
+        if ABORT is not None and ABORT():
+            raise PeerGone(f"xenstore {path}: the peer's kernel failed")
         time.sleep(0.2)
+
+
+#: dom0 sets this to a callable that says the peer is gone (its kernel
+#: oopsed): waits give up at once instead of running into their timeout
+ABORT = None
+
+
+class PeerGone(Exception):
+    pass
 
 
 CHUNK = 3000
