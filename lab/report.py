@@ -57,6 +57,7 @@ REQUIRED = [
     ("dom0", "dom0-maps-control", {"of": "pvh"}),
     ("pv", "probe", {"variant": "fixed"}),
     ("pv", "kernel-sane", {}),
+    ("dom0", "drm-cards", {}),
     ("pvh", "kernel-sane", {}),
 ]
 
@@ -143,6 +144,21 @@ def table(results, versions, boot):
                 f"map {ms(results, d, 'consumer-sees-picture', 'map_ms', mode=m)}, "
                 f"check {ms(results, d, 'consumer-sees-picture', 'check_ms', mode=m)}, "
                 f"IMP_RELEASE/dealloc {ms(results, 'dom0', 'provider-release', of=d, mode=m)}"))
+    # GPU buffers: every DRM driver dom0 had, its dumb buffer exported
+    for r in find(results, "dom0", "provide", to="pv"):
+        if not r["mode"].startswith("drm-"):
+            continue
+        seen = find(results, "pv", "consumer-sees-picture", mode=r["mode"])
+        wrote = find(results, "dom0", "provider-sees-write", of="pv", mode=r["mode"])
+        if r["ok"]:
+            res = ("works" if seen and seen[0]["ok"] and wrote and wrote[0]["ok"]
+                   else "**failed**")
+        else:
+            res = "refused: " + r.get("error", "?").replace("|", "/")[:140]
+        facts.append((f"dom0 GPU buffer, {r['mode'][4:]} dumb buffer → PRIME → "
+                      f"IMP_TO_REFS → PV domU maps, checks, writes back", res,
+                      ms(results, "pv", "consumer-sees-picture", "check_ms",
+                         mode=r["mode"])))
     for label, dom, test, key in (
             ("PVH +fix: EXP_FROM_REFS fd is a dma-buf", "pvh", "exp-from-refs-fd", "fd_target"),
             ("PVH +fix: mmap of that dma-buf", "pvh", "exp-dmabuf-mmap", "answer"),

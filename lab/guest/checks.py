@@ -5,6 +5,7 @@ one row of the expected table tried for real."""
 import os
 import re
 import subprocess
+import time
 
 import labio
 from labio import emit
@@ -92,14 +93,14 @@ def contract_suite():
              "not in the project yet")
         return
     with labio.Timer() as t:
-        rc, out, err = python(["-m", "pytest", "-q", "-rfEs", "-p",
+        rc, out, err = python(["-m", "pytest", "-q", "--tb=line", "-rfEs", "-p",
                                "no:cacheprovider", "-m", "xen", path], 180,
                               cwd="/lab")
     counts = {k: int(n) for n, k in re.findall(
         r"(\d+) (passed|failed|skipped|errors?|deselected)", out)}
     emit("contract-suite", rc == 0 and counts.get("passed", 0) > 0,
          rc=rc, counts=counts, ms=t.ms,
-         tail=(out + err).strip().splitlines()[-25:])
+         tail=(out + err).strip().splitlines()[-40:])
 
 
 def table_row(variant, peer, recv_refs, recv_bytes):
@@ -196,6 +197,38 @@ def kernel_sane():
          process_ok=out == "499500", kernel_log=new[:8])
 
 
-def drm_buffers():
-    """Placeholder until the DRM checks land (lab/README.md, "left")."""
-    emit("drm", None, skipped="not yet run by the lab")
+DRM_MODULES = ("vgem", "virtio-gpu", "bochs")
+
+
+def label(node):
+    """A card's driver, or (vgem: a platform device bound to no driver)
+    the name of its device."""
+    dev = f"/sys/class/drm/{os.path.basename(node.node)}/device"
+    return node.driver or os.path.basename(os.path.realpath(dev))
+
+
+def drm_cards():
+    """Load the DRM drivers (QEMU gives dom0 a standard VGA, bochs-drm, and
+    a virtio-gpu; vgem needs no device) and list the card nodes the
+    project's device scan finds: [(driver, DrmNode)]."""
+    from qubes_gpu_share import devices
+    for name in DRM_MODULES:
+        for ko in open(f"/lab/load/{name}").read().split():
+            labio.run(["insmod", ko], check=False)   # shared deps load once
+    deadline = time.monotonic() + 20
+    while True:
+        cards = [(label(n), n) for n in devices.scan().drm if n.kind == "card"]
+        if len(cards) >= len(DRM_MODULES) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    modules = sorted(l.split()[0] for l in open("/proc/modules")
+                     if re.match(r"(drm|vgem|virtio|bochs|ttm)", l))
+    pci = sorted(open(f"/sys/bus/pci/devices/{d}/vendor").read().strip() + ":"
+                 + open(f"/sys/bus/pci/devices/{d}/device").read().strip()
+                 for d in os.listdir("/sys/bus/pci/devices"))
+    log = [l for l in labio.run(["dmesg"], check=False).splitlines()
+           if re.search(r"virtio|drm|bochs|vgem", l, re.I)]
+    emit("drm-cards", len(cards) >= len(DRM_MODULES),
+         cards={n.node: f"{d} ({n.memory.value})" for d, n in cards},
+         modules=modules, pci=pci, kernel_log=log[-12:])
+    return cards

@@ -20,13 +20,13 @@ CONSOLE_LOG = "/var/log/xen/console/guest-{}.log"
 STEP_TIMEOUT = 150
 
 #: the domUs, in order: name, xl type, gntdev builds to try in turn, the
-#: steps it runs (domu.py). A PVH domU's kernel has been seen to oops after
+#: steps it runs (domu.py), seconds it may live. A PVH domU's kernel has been seen to oops after
 #: grant mappings (lab/README.md), so the PVH steps get a fresh domU each:
 #: one kernel's failure cannot hide another step's result.
-DOMUS = (("pv", "pv", "stock,upstream,fixed", "cross,self,probe,contract,sanity"),
-         ("pvh", "pvh", "stock,upstream,fixed", "cross,sanity"),
-         ("pvh-self", "pvh", "stock", "self,sanity"),
-         ("pvh-probe", "pvh", "upstream", "probe,sanity"))
+DOMUS = (("pv", "pv", "stock,upstream,fixed", "cross,self,probe,contract,sanity", 300),
+         ("pvh", "pvh", "stock,upstream,fixed", "cross,sanity", 240),
+         ("pvh-self", "pvh", "stock", "self,sanity", 120),
+         ("pvh-probe", "pvh", "upstream", "probe,sanity", 120))
 #: after a domU's kernel oopsed, give it this long to print the trace
 OOPS_GRACE = 15
 
@@ -72,21 +72,31 @@ class ConsoleRelay(threading.Thread):
         super().__init__(daemon=True)
         self.name_, self.stop = name, threading.Event()
         self.oops, self.oops_at = [], None
+        #: result lines seen, and whether the domain vanished (a domU that
+        #: triple-faults at boot is destroyed by Xen without a word on its
+        #: own console)
+        self.results, self.gone = 0, False
 
     def dead(self):
-        return (self.oops_at is not None
-                and time.monotonic() - self.oops_at > OOPS_GRACE)
+        return self.gone or (self.oops_at is not None
+                             and time.monotonic() - self.oops_at > OOPS_GRACE)
 
     def run(self):
         path, f, part = CONSOLE_LOG.format(self.name_), None, ""
+        checked = time.monotonic()
         while True:
             stopping = self.stop.is_set()
+            if time.monotonic() - checked > 3:
+                checked = time.monotonic()
+                self.gone = not run([XL, "domid", self.name_], check=False,
+                                    timeout=30).strip().isdigit()
             if f is None and os.path.exists(path):
                 f = open(path, errors="replace")
             if f is not None:
                 part += f.read()
                 *lines, part = part.split("\n")
                 for line in lines:
+                    self.results += line.startswith("LAB-RESULT ")
                     if any(w in line for w in ("BUG:", "Oops", "WARNING:",
                                                "Kernel panic")):
                         self.oops.append(line.strip())
@@ -102,13 +112,16 @@ class ConsoleRelay(threading.Thread):
 
 def finish_domu(name, t0, timeout, relay):
     """Wait until the domU has powered off (destroy it after timeout)."""
-    deadline = time.monotonic() + timeout
-    ok = True
+    deadline = time.monotonic() + max(timeout, 5)
+    ok, beat = True, time.monotonic()
     while run([XL, "domid", name], check=False, timeout=30).strip().isdigit():
         if time.monotonic() > deadline or relay.dead():
             run([XL, "destroy", name], check=False, timeout=60)
             ok = relay.dead()     # an oops is reported on its own
             break
+        if time.monotonic() - beat > 30:   # the host's hang detector listens
+            beat = time.monotonic()
+            print(f"lab[dom0]: {name} still running", flush=True)
         time.sleep(0.5)
     relay.stop.set()
     relay.join()
@@ -122,8 +135,9 @@ class Leases:
     """dom0 as provider for one domU: the two cpu-mode leases (udmabuf ->
     IMP_TO_REFS, gntalloc) and the small grant for the dma-buf checks."""
 
-    def __init__(self, domid, name):
+    def __init__(self, domid, name, drm=()):
         from qubes_gpu_share.agent.provider import Provider
+        from qubes_gpu_share.alloc.drmdumb import DrmDumbAllocator
         from qubes_gpu_share.alloc.udmabuf import UdmabufAllocator
         from qubes_gpu_share.grant.gntdev import GntdevDevice
         from qubes_gpu_share.names import new_lease_id
@@ -132,16 +146,22 @@ class Leases:
         self.domid, self.name, self.base = domid, name, L.base(domid)
         self.device = GntdevDevice()
         self.providers, self.leases = {}, {}
-        for mode in L.PROVIDE_MODES:
-            provider = Provider(self.device, UdmabufAllocator()
-                                if mode == "udmabuf" else None)
+        sources = [(m, UdmabufAllocator() if m == "udmabuf" else None)
+                   for m in L.PROVIDE_MODES]
+        # GPU buffers: DRM dumb buffers exported with PRIME, whatever the
+        # driver keeps them in (bochs-drm's VRAM is expected to fail)
+        sources += [(f"drm-{driver}", DrmDumbAllocator(node))
+                    for driver, node in drm]
+        for mode, allocator in sources:
+            provider = Provider(self.device, allocator)
             lease = new_lease_id()
             with labio.Timer() as t:
                 answer = provider.export(ExportRequest(
                     lease, f"lab-{name}", domid, L.META))
                 if isinstance(answer, Error):
-                    emit("provide", False, mode=mode, to=name,
-                         error=answer.message)
+                    # a refusal of a GPU buffer is a result, not a fault
+                    emit("provide", False if mode in L.PROVIDE_MODES else None,
+                         mode=mode, to=name, error=answer.message)
                     continue
                 fd, off, length = provider.get(lease).dup_fd()
                 buf = L.map_fd(fd, off, length)
@@ -153,6 +173,8 @@ class Leases:
             labio.xs_write(f"{self.base}/{mode}/lease", lease)
             labio.xs_write_ints(f"{self.base}/{mode}/refs",
                                 list(answer.refs))
+        self.modes = list(self.leases)
+        labio.xs_write(f"{self.base}/modes", ",".join(self.modes))
         # the dma-buf receive checks: gntalloc pages with known bytes
         self.recv = self.device.grant_new_pages(L.RECV_PAGES, domid)
         self.recv_buf = self.recv.view().mmap()
@@ -213,6 +235,16 @@ class Leases:
         self.recv_buf.close()
         self.recv.revoke()
 
+    def abandon(self):
+        """The domU is gone: end every grant (nothing maps them any more)."""
+        for mode, (lease, buf) in list(self.leases.items()):
+            buf.close()
+            self.providers[mode].revoke(lease)
+        self.leases.clear()
+        if getattr(self, "recv", None) is not None:
+            self.recv_buf.close()
+            self.recv.close()
+
 
 GNTALLOC_LIMIT = "/sys/module/xen_gntalloc/parameters/limit"
 
@@ -233,7 +265,7 @@ def gntalloc_limit():
          observed=got, reason=why, raised_to=65536)
 
 
-def serve_domu(name, virt, gntdev, steps):
+def serve_domu(name, virt, gntdev, steps, lifetime, drm=(), attempt=1):
     t0 = time.monotonic()
     fds_before = len(os.listdir("/proc/self/fd"))
     domid = start_domu(name, virt, gntdev, steps)
@@ -243,16 +275,24 @@ def serve_domu(name, virt, gntdev, steps):
     leases = None
     try:
         if "cross" in steps.split(","):
-            leases = Leases(domid, name)
-            for mode in L.PROVIDE_MODES:
+            leases = Leases(domid, name, drm if name == "pv" else ())
+            for mode in leases.modes:
                 leases.check_written_back(mode)
                 leases.release_after_consumer(mode)
             leases.check_regrant()
             leases.close()
     except Exception as e:  # noqa: BLE001 - recorded; the domU is still waited for
-        emit("dom0-serves", False, of=name, error=f"{type(e).__name__}: {e}")
-    finish_domu(name, t0, STEP_TIMEOUT * 2, relay)
+        if leases is not None:
+            leases.abandon()
+        if relay.results or attempt > 1:
+            emit("dom0-serves", False, of=name, error=f"{type(e).__name__}: {e}")
+    finish_domu(name, t0, lifetime - (time.monotonic() - t0), relay)
     labio.ABORT = leases = None
+    if relay.results == 0 and attempt == 1:
+        # it died before its first word (seen: a PVH triple fault at boot
+        # under emulation): a flaky boot, not a result; once more
+        emit("domu-boot-retry", None, domu=name)
+        return serve_domu(name, virt, gntdev, steps, lifetime, drm, 2)
     fds_after = len(os.listdir("/proc/self/fd"))
     emit("dom0-fds-after-domu", fds_after == fds_before, of=name,
          before=fds_before, after=fds_after)
@@ -269,12 +309,12 @@ def environment():
 def main():
     environment()
     checks.native_imports()
+    drm = checks.drm_cards()
     checks.probe_matches("upstream")
     checks.contract_suite()
-    checks.drm_buffers()
     gntalloc_limit()
     for domu in DOMUS:
-        serve_domu(*domu)
+        serve_domu(*domu, drm=drm)
     print("LAB-DONE", flush=True)
 
 

@@ -27,7 +27,8 @@ def consume_cpu_leases(base):
     from qubes_gpu_share.protocol import GrantRefs, LeaseAnswer
 
     consumer = Consumer(GntdevDevice(), notify=lambda holder, lease: None)
-    for mode in L.PROVIDE_MODES:
+    # what dom0 managed to provide: udmabuf, gntalloc, GPU buffers
+    for mode in labio.xs_read(f"{base}/modes").split(","):
         lease = labio.xs_read(f"{base}/{mode}/lease")
         refs = labio.xs_read_ints(f"{base}/{mode}/refs", STEP_TIMEOUT)
         answer = LeaseAnswer(lease, "dom0", 0, ReceiveMode.CPU, L.META, 0,
