@@ -160,10 +160,11 @@ def crash_run(tmp_path, operations: int, kills: int, seed: int) -> dict:
                    for i, qube in enumerate(CONSUMERS)]
         threads.append(threading.Thread(target=offer_worker,
                                         args=(ledger, sim, seed + 10)))
-        threads.append(threading.Thread(target=killer, args=(
-            ledger, sim, kills, seed + 20, killed)))
         for thread in threads:
             thread.start()
+        # in the main thread: the simulated processes die with the thread
+        # that started them (PR_SET_PDEATHSIG is per thread)
+        killer(ledger, sim, kills, seed + 20, killed)
         for thread in threads:
             thread.join(timeout=600)
         try:
