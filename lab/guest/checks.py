@@ -18,10 +18,11 @@ VARIANTS = {
 }
 
 
-def python(args, timeout, cwd=None):
+def python(args, timeout, cwd=None, env=None):
     """Run python3 ARGS: (exit status or 'timeout', output as text)."""
     try:
         p = subprocess.run(["python3", *args], cwd=cwd, text=True,
+                           env=None if env is None else {**os.environ, **env},
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            errors="replace", timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -87,6 +88,7 @@ def probe_matches(variant):
 def contract_suite():
     """tests/test_grant_real.py (the contract suite against this domain's
     real grant device), run with pytest inside the domain."""
+    from qubes_gpu_share import native
     path = "/lab/tests/test_grant_real.py"
     if not os.path.exists(path):
         emit("contract-suite", None, skipped="tests/test_grant_real.py is "
@@ -95,7 +97,8 @@ def contract_suite():
     with labio.Timer() as t:
         rc, out, err = python(["-m", "pytest", "-q", "--tb=line", "-rfEs", "-p",
                                "no:cacheprovider", "-m", "xen", path], 180,
-                              cwd="/lab")
+                              cwd="/lab", env={"QUBES_GPU_SHARE_SELF_DOMID":
+                                               str(native.own_domid())})
     counts = {k: int(n) for n, k in re.findall(
         r"(\d+) (passed|failed|skipped|errors?|deselected)", out)}
     emit("contract-suite", rc == 0 and counts.get("passed", 0) > 0,
@@ -197,7 +200,9 @@ def kernel_sane():
          process_ok=out == "499500", kernel_log=new[:8])
 
 
-DRM_MODULES = ("vgem", "virtio-gpu", "bochs")
+#: card nodes expected from the DRM modules make-initramfs lists in
+#: /lab/load/drm.list: vgem, virtio-gpu, bochs-drm
+DRM_CARDS = 3
 
 
 def label(node):
@@ -212,13 +217,13 @@ def drm_cards():
     a virtio-gpu; vgem needs no device) and list the card nodes the
     project's device scan finds: [(driver, DrmNode)]."""
     from qubes_gpu_share import devices
-    for name in DRM_MODULES:
+    for name in open("/lab/load/drm.list").read().split():
         for ko in open(f"/lab/load/{name}").read().split():
             labio.run(["insmod", ko], check=False)   # shared deps load once
     deadline = time.monotonic() + 20
     while True:
         cards = [(label(n), n) for n in devices.scan().drm if n.kind == "card"]
-        if len(cards) >= len(DRM_MODULES) or time.monotonic() > deadline:
+        if len(cards) >= DRM_CARDS or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     modules = sorted(l.split()[0] for l in open("/proc/modules")
@@ -228,7 +233,7 @@ def drm_cards():
                  for d in os.listdir("/sys/bus/pci/devices"))
     log = [l for l in labio.run(["dmesg"], check=False).splitlines()
            if re.search(r"virtio|drm|bochs|vgem", l, re.I)]
-    emit("drm-cards", len(cards) >= len(DRM_MODULES),
+    emit("drm-cards", len(cards) >= DRM_CARDS,
          cards={n.node: f"{d} ({n.memory.value})" for d, n in cards},
          modules=modules, pci=pci, kernel_log=log[-12:])
     return cards
