@@ -14,18 +14,17 @@ with history), ``revoke`` (``id`` or ``qube``), ``budgets``, ``settings``
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import os
 from typing import Any
 
 from .. import limits
-from ..lease import LIVE, Lease, State
+from ..lease import Lease, State
 from ..names import InvalidName, parse_lease_id, parse_qube_name
 from ..qrexec import stream
 from ..qubes.facts import QubesFactsError
 from ..registry import UnknownLease
+from ..unixserver import UnixServer
 from .core import Broker
 
 log = logging.getLogger(__name__)
@@ -171,31 +170,13 @@ def _state(untrusted: Any) -> State:
                          + ", ".join(s.value for s in State)) from None
 
 
-class AdminServer:
+class AdminServer(UnixServer):
     """Serves :class:`AdminApi` on a Unix socket (mode 0660, group qubes)."""
 
     def __init__(self, path: str, api: AdminApi, *, mode: int = 0o660,
                  group: int | None = None):
-        self.path, self.api, self._mode, self._group = path, api, mode, group
-        self._server: asyncio.base_events.Server | None = None
-
-    async def start(self) -> None:
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-        old = os.umask(0o777 & ~self._mode)
-        try:
-            self._server = await asyncio.start_unix_server(self._serve,
-                                                           path=self.path)
-        finally:
-            os.umask(old)
-        if self._group is not None:
-            os.chown(self.path, -1, self._group)
-        os.chmod(self.path, self._mode)
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        super().__init__(path, self._serve, mode=mode, group=group)
+        self.api = api
 
     async def _serve(self, reader, writer) -> None:
         try:

@@ -18,9 +18,9 @@ import asyncio
 import contextlib
 import logging
 import os
-import stat
 from typing import Awaitable, Callable, Mapping, Optional
 
+from ..unixserver import UnixServer
 from . import reply
 from .descriptor import (MAX_DESCRIPTOR_LEN, DescriptorError, ServiceDescriptor,
                          parse_descriptor)
@@ -62,7 +62,7 @@ async def read_descriptor(reader: asyncio.StreamReader) -> ServiceDescriptor:
     return parse_descriptor(untrusted_line)
 
 
-class SocketServiceServer:
+class SocketServiceServer(UnixServer):
     """Serves a fixed set of services on one Unix socket.
 
     *handlers* maps service names (without argument) to coroutines called
@@ -76,52 +76,14 @@ class SocketServiceServer:
                  *, mode: int = 0o660, group: Optional[int] = None,
                  only_source: Optional[str] = None,
                  descriptor_timeout: float = DESCRIPTOR_TIMEOUT):
-        self.path = os.fspath(path)
+        super().__init__(path, self._connected_service, mode=mode,
+                         group=group, limit=max(MAX_DESCRIPTOR_LEN, 2 ** 16))
         self._handlers = dict(handlers)
-        self._mode = mode
-        self._group = group
         self._only_source = only_source
         self._timeout = descriptor_timeout
-        self._server: Optional[asyncio.base_events.Server] = None
-        # Python < 3.12 keeps no reference to the task it creates for each
-        # connection (StreamReaderProtocol), so a connection waiting on a
-        # future nobody else holds can be garbage-collected mid-call.
-        self._connections: set[asyncio.Task] = set()
 
-    async def start(self) -> None:
-        """Bind and listen; a stale socket left by a previous run is replaced."""
-        _remove_stale_socket(self.path)
-        old_umask = os.umask(0o777 & ~self._mode)
-        try:
-            self._server = await asyncio.start_unix_server(
-                self._connected, path=self.path,
-                limit=max(MAX_DESCRIPTOR_LEN, 2 ** 16))
-        finally:
-            os.umask(old_umask)
-        if self._group is not None:
-            os.chown(self.path, -1, self._group)
-        os.chmod(self.path, self._mode)
-
-    async def close(self) -> None:
-        """Stop listening and remove the socket."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-    async def __aenter__(self) -> "SocketServiceServer":
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        await self.close()
-
-    async def _connected(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._connections.add(task)
+    async def _connected_service(self, reader: asyncio.StreamReader,
+                                 writer: asyncio.StreamWriter) -> None:
         try:
             await self._serve_one(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -130,7 +92,6 @@ class SocketServiceServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
-            self._connections.discard(task)
 
     async def _serve_one(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
@@ -167,13 +128,3 @@ class SocketServiceServer:
             return f"only {self._only_source} may call {descriptor.service}"
         return None
 
-
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket left behind, but never a file of another kind."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise FileExistsError(f"{path} exists and is not a socket")
-    os.unlink(path)

@@ -1,0 +1,84 @@
+"""An asyncio Unix stream server as every daemon here needs one.
+
+Three things each socket of the broker and the agent needs, in one place:
+
+* the socket file gets its mode (and group) before anyone can connect: the
+  file permission is the first gate (qrexec's, qvm-gpu-share's);
+* a socket left by a previous run is replaced, any other file refused;
+* each connection's task is held until it ends: Python < 3.12 keeps no
+  reference to the task it creates per connection, so a connection waiting
+  on a future nobody else holds could be garbage-collected mid-call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+from collections.abc import Awaitable, Callable
+
+Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                 Awaitable[None]]
+
+
+class UnixServer:
+    """Serves *serve(reader, writer)* per connection on the socket *path*."""
+
+    def __init__(self, path: str | os.PathLike, serve: Serve, *,
+                 mode: int = 0o660, group: int | None = None,
+                 limit: int = 2 ** 16):
+        self.path = os.fspath(path)
+        self._serve = serve
+        self._mode, self._group, self._limit = mode, group, limit
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        """Bind and listen; a stale socket left by a previous run is replaced."""
+        remove_stale_socket(self.path)
+        old_umask = os.umask(0o777 & ~self._mode)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._connected, path=self.path, limit=self._limit)
+        finally:
+            os.umask(old_umask)
+        if self._group is not None:
+            os.chown(self.path, -1, self._group)
+        os.chmod(self.path, self._mode)
+
+    async def close(self) -> None:
+        """Stop listening and remove the socket."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    async def __aenter__(self) -> UnixServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def _connected(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._connections.discard(task)
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove a socket left behind, but never a file of another kind."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    os.unlink(path)
