@@ -41,16 +41,23 @@ OFFER_TIMEOUT = 60.0
 
 class BrokerRefused(Exception):
     """dom0 (qrexec policy or the broker) said no; ``code`` for programs,
-    ``str()`` is the one-line reason."""
+    ``str()`` is the one-line reason.
 
-    def __init__(self, code: str, message: str):
+    ``answered`` is true when dom0 decided and said so (qrexec policy, or
+    the broker's own error message): whatever the call recorded, the
+    broker ends it. False when the call was cut, qrexec failed, the answer
+    was garbled or never came: the broker may have recorded a lease whose
+    id nobody here learned (the agent then reconciles, daemon.py)."""
+
+    def __init__(self, code: str, message: str, *, answered: bool = False):
         super().__init__(message)
         self.code = code
+        self.answered = answered
 
 
 def _refusal(exc: Exception) -> BrokerRefused:
     if isinstance(exc, call.PolicyDenied):
-        return BrokerRefused("policy-denied", str(exc))
+        return BrokerRefused("policy-denied", str(exc), answered=True)
     if isinstance(exc, reply.ServiceRefused):
         return BrokerRefused("refused", str(exc))
     if isinstance(exc, ProtocolError):
@@ -60,7 +67,7 @@ def _refusal(exc: Exception) -> BrokerRefused:
 
 def _answer(message: Message, *expected: type) -> Message:
     if isinstance(message, Error):
-        raise BrokerRefused(message.code, message.message)
+        raise BrokerRefused(message.code, message.message, answered=True)
     assert isinstance(message, expected)
     return message
 

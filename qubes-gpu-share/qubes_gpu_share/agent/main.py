@@ -148,6 +148,9 @@ async def run_agent(options: argparse.Namespace,
     try:
         await services.start()
         await apps.start()
+        # leases from before a restart are dead (the old agent's mappings
+        # died with it): hand them back now rather than at their TTL
+        agent.reconciler.request()
         log.info("agent of %s ready (allocator %s) on %s", name,
                  allocator.name if allocator else "gntalloc", run_dir)
         if started is not None:
