@@ -35,6 +35,8 @@ KNOWN = {
         "the probe's self-grant check in a PVH domU: same oops",
     ("dom0", "domu-kernel-clean", "pvh-self"): "same oops, seen from dom0",
     ("dom0", "domu-kernel-clean", "pvh-probe"): "same oops, seen from dom0",
+    ("dom0", "domu-run", "pvh-self"): "its kernel hangs after the self-grant",
+    ("dom0", "domu-run", "pvh-probe"): "its kernel hangs after the self-grant",
 }
 
 #: Results that must be present and pass: (dom, test, {field: value}).

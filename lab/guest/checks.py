@@ -206,10 +206,13 @@ DRM_CARDS = 3
 
 
 def label(node):
-    """A card's driver, or (vgem: a platform device bound to no driver)
-    the name of its device."""
+    """The driver of a card's own device (virtio_gpu, not the virtio-pci
+    bus it sits on), or its device's name when no driver is bound (vgem
+    is a platform device without one)."""
     dev = f"/sys/class/drm/{os.path.basename(node.node)}/device"
-    return node.driver or os.path.basename(os.path.realpath(dev))
+    if os.path.exists(dev + "/driver"):
+        dev += "/driver"
+    return os.path.basename(os.path.realpath(dev))
 
 
 def drm_cards():
