@@ -49,7 +49,8 @@ class Interceptor:
                  on_answer: Callable[[bytes], bytes | None]):
         self._sim = sim
         self._on_answer = on_answer
-        self.path = sim.layout.rpc_dir(DOM0) / f"qubes.GpuLease+{provider_name}"
+        self.path = (sim.layout.rpc_dir(DOM0)
+                     / f"qubes.GpuLease+{provider_name}")
         self.answered = threading.Event()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(self.path))
