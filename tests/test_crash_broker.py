@@ -43,9 +43,10 @@ QUBES = [provider("gpu-a", 2), provider("gpu-b", 3),
          *(consumer(name, 10 + i) for i, name in enumerate(CONSUMERS))]
 #: A failed call waits this long before the next.
 BACKOFF = 0.02
-#: TTL of every lease of the run: the bound on a lease whose answer was
-#: lost with the broker (nobody knows its id to release it).
-TTL = 5
+#: TTL of every lease of the run: longer than the run, so that no lease
+#: ends by expiry; a lease whose answer was lost with the broker must be
+#: found and released by its consumer's agent (agent/daemon.py Reconciler).
+TTL = 600
 
 
 @dataclasses.dataclass
@@ -174,7 +175,7 @@ def crash_run(tmp_path, operations: int, kills: int, seed: int) -> dict:
             print(sim.log_tails(60))
             raise
     figures = dict(operations=ledger.done, failed=ledger.failed,
-                   errors=ledger.errors, orphans_expired=ledger.orphans,
+                   errors=ledger.errors, untold_leases=ledger.orphans,
                    kills=len(killed), leases=len(ledger.told),
                    seconds=round(time.monotonic() - started, 1))
     print("crash run:", figures)
@@ -193,16 +194,15 @@ def check_after_crashes(sim, ledger: Ledger) -> None:
     assert lost == [], "leases the qubes were told about are missing"
     not_ended = [leases[i] for i in ledger.ended if not final(leases[i])]
     assert not_ended == [], "released leases did not end"
-    orphans = [lease for lease in leases.values() if not final(lease)]
-    assert {lease.id for lease in orphans}.isdisjoint(ledger.told)
-    # a lease whose answer died with the broker: nobody knows its id, so
-    # only its TTL ends it (docs/reliability.md, "known gap")
-    ledger.orphans = len(orphans)
+    # a lease whose answer died with the broker: no application knows its
+    # id; the consumer's agent reconciles with dom0 and releases it
+    recovered = [lease for lease in leases.values()
+                 if lease.id not in ledger.told]
+    ledger.orphans = len(recovered)
     sim.wait_until(lambda: all(final(lease) for lease in sim.leases()),
-                   TTL + 15, "leases nobody holds did not expire",
+                   15, "leases whose answer was lost were not released",
                    interval=0.2)
-    assert {lease.state for lease in sim.leases()
-            if lease.id in {o.id for o in orphans}} <= {State.EXPIRED}
+    assert State.EXPIRED not in {lease.state for lease in sim.leases()}
     assert_budgets_consistent(sim, PROVIDERS, {p: 0 for p in PROVIDERS})
     # the system still works, and a held lease is counted by every witness
     with app(sim, "work") as work:
