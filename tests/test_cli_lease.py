@@ -14,10 +14,11 @@ import subprocess
 import sys
 
 import pytest
+from simfixtures import clean_after_each, module_system
 
 from qubes_gpu_share import client
 from qubes_gpu_share.limits import BUDGET_PAGES
-from qubes_gpu_share.simsys import SimQube, SimSystem
+from qubes_gpu_share.simsys import SimQube
 from qubes_gpu_share.simsys.processes import child_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -32,23 +33,8 @@ CLI = [sys.executable, "-m", "qubes_gpu_share.cli.main"]
 TIMEOUT = 20
 
 
-@pytest.fixture(scope="module")
-def system(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli") / "root"
-    with SimSystem(root, QUBES, POLICY) as sim:
-        yield sim
-
-
-@pytest.fixture(autouse=True)
-def clean(system):
-    yield
-    try:
-        system.wait_until(lambda: not system.live_leases(), 10,
-                          "a lease stayed live after the commands ended")
-        assert system.hazards() == []
-    except (AssertionError, TimeoutError):
-        print(system.log_tails())
-        raise
+system = module_system("cli", QUBES, POLICY)
+clean = clean_after_each("a lease stayed live after the commands ended")
 
 
 def env(system, qube: str) -> dict[str, str]:

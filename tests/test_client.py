@@ -11,12 +11,13 @@ import os
 import pathlib
 
 import pytest
+from simfixtures import clean_after_each, module_system
 
 from qubes_gpu_share import client
 from qubes_gpu_share.formats import ReceiveMode
 from qubes_gpu_share.protocol import Role
 from qubes_gpu_share.qrexec.router import Router
-from qubes_gpu_share.simsys import SimQube, SimSystem
+from qubes_gpu_share.simsys import SimQube
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 POLICY = [REPO / "policy" / "60-gpu-share.policy",
@@ -28,23 +29,8 @@ QUBES = [
 SMALL = dict(width=64, height=64, fourcc="XR24")   # 4 pages
 
 
-@pytest.fixture(scope="module")
-def system(tmp_path_factory):
-    root = tmp_path_factory.mktemp("client") / "root"
-    with SimSystem(root, QUBES, POLICY) as sim:
-        yield sim
-
-
-@pytest.fixture(autouse=True)
-def clean(system):
-    yield
-    try:
-        system.wait_until(lambda: not system.live_leases(), 10,
-                          "a lease outlived its connection")
-        assert system.hazards() == []
-    except (AssertionError, TimeoutError):
-        print(system.log_tails())
-        raise
+system = module_system("client", QUBES, POLICY)
+clean = clean_after_each("a lease outlived its connection")
 
 
 def app(system, qube: str) -> client.Client:
