@@ -172,7 +172,8 @@ def table(results, versions, boot):
             ("control: domU grants a udmabuf to dom0, dom0 maps it", "dom0", "dom0-maps-control", "verdict"),
             ("PV domU maps a grant of its own (self-grant, as the probe)", "pv", "self-grant-cpu", "answer"),
             ("PVH domU maps a grant of its own (Debian stock gntdev)", "pvh-self", "self-grant-cpu", "answer"),
-            ("PVH domU kernel after its own self-grant", "dom0", "domu-kernel-clean", "oops"),
+            ("oops lines in that PVH domU's kernel log", "dom0", "domu-kernel-clean", "oops"),
+            ("the probe in a PVH domU (it self-grants)", "pvh-probe", "probe", "error"),
             ("contract suite (tests/test_grant_real.py) in dom0", "dom0", "contract-suite", "counts"),
             ("contract suite in the PV domU", "pv", "contract-suite", "counts")):
         rs = find(results, dom, test, **({"domu": "pvh-self"} if test == "domu-kernel-clean" else {}))
@@ -185,6 +186,10 @@ def table(results, versions, boot):
             val = "; ".join(val[:2]) or "clean"
         if isinstance(val, dict):
             val = ", ".join(f"{v} {k}" for k, v in val.items())
+        if val == "True":
+            val = "works, same bytes"
+        if isinstance(val, str) and "\ufffd" in val:
+            val = "unreadable output (bytes 0xff: pages with no memory behind them)"
         facts.append((label, str(val).replace("|", "/")[:160],
                       ms(results, dom, test, **({"domu": "pvh-self"} if test == "domu-kernel-clean" else {}))))
     lines += ["", "| what | result | time |", "|---|---|---|"]

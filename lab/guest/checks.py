@@ -2,6 +2,7 @@
 helper imports, the probe against the expected table, the contract suite,
 one row of the expected table tried for real."""
 
+import glob
 import os
 import re
 import subprocess
@@ -210,8 +211,11 @@ def label(node):
     bus it sits on), or its device's name when no driver is bound (vgem
     is a platform device without one)."""
     dev = f"/sys/class/drm/{os.path.basename(node.node)}/device"
-    if os.path.exists(dev + "/driver"):
-        dev += "/driver"
+    # virtio-gpu's card hangs off the PCI device (driver virtio-pci); its
+    # own driver is on the virtio device below it
+    for d in [*sorted(glob.glob(dev + "/virtio*/driver")), dev + "/driver"]:
+        if os.path.exists(d):
+            return os.path.basename(os.path.realpath(d))
     return os.path.basename(os.path.realpath(dev))
 
 
