@@ -146,6 +146,49 @@ def test_map_grant_ref_sends_domid_and_ref_per_page(fake_devices):
 
 # --- errno -> exception, with the message that says what to do -------------
 
+def test_grant_copy_reads_one_byte_of_each_ref(fake_devices):
+    seen = []
+
+    def kernel(request, arg):
+        assert request == lib.IOCTL_GNTDEV_GRANT_COPY
+        op = ffi.cast("struct ioctl_gntdev_grant_copy *", arg)
+        for seg in op.segments[0:op.count]:
+            seen.append((seg.source.foreign.domid, seg.source.foreign.ref,
+                         seg.source.foreign.offset, seg.len, seg.flags))
+            seg.status = -3 if seg.source.foreign.ref == 12 else 0
+        return 0
+    fake_devices(kernel)
+    assert native.grant_copy_status(0, 5, [11, 12]) == (0, -3)
+    assert seen == [(5, 11, 0, 1, lib.GNTCOPY_source_gref),
+                    (5, 12, 0, 1, lib.GNTCOPY_source_gref)]
+
+
+@pytest.mark.parametrize("writable", [True, False])
+def test_map_grant_refuses_refs_xen_refuses_before_mapping(
+        fake_devices, no_fd_leak, writable):
+    """MAP_GRANT_REF asks Xen nothing: map_grant validates with GRANT_COPY
+    first, and a refusal closes the fd and never reaches MAP_GRANT_REF."""
+    def kernel(request, arg):
+        op = ffi.cast("struct ioctl_gntdev_grant_copy *", arg)
+        op.segments[1].status = -8  # GNTST_permission_denied
+        return 0
+    fake = fake_devices(kernel)
+    with pytest.raises(errors.MapRefused) as refused:
+        GntdevDevice().map_grant(4, [21, 22, 23], writable=writable)
+    assert "first ref 22" in str(refused.value)
+    assert "GNTST_permission_denied" in str(refused.value)
+    assert fake.calls == [lib.IOCTL_GNTDEV_GRANT_COPY]
+
+
+def test_map_grant_validates_then_maps(fake_devices, no_fd_leak):
+    fake = fake_devices(lambda request, arg: 0)
+    with GntdevDevice().map_grant(4, [21]):
+        pass
+    assert fake.calls == [lib.IOCTL_GNTDEV_GRANT_COPY,
+                          lib.IOCTL_GNTDEV_MAP_GRANT_REF,
+                          lib.IOCTL_GNTDEV_UNMAP_GRANT_REF]
+
+
 @pytest.mark.parametrize("call, err, exc, words", [
     (lambda: native.imp_to_refs(0, 3, 1, 1), errno.EINVAL,
      errors.NotGrantable, "VRAM or PFNMAP"),

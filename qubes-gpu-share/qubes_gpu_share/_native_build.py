@@ -43,6 +43,13 @@ typedef uint16_t domid_t;
 #include <drm.h>
 #include <drm_mode.h>
 
+/* GRANT_COPY's segment flag: Xen's public ABI (xen/include/public/
+ * grant_table.h, libxen-dev / xen-devel), which the kernel's UAPI headers
+ * use but do not ship; taken from that header when it is included above. */
+#ifndef GNTCOPY_source_gref
+#define GNTCOPY_source_gref (1 << 0)
+#endif
+
 /* ioctl() is variadic; a fixed prototype lets cffi call it directly. */
 static int qgs_ioctl(int fd, unsigned long request, void *arg)
 {
@@ -67,7 +74,16 @@ struct ioctl_gntdev_dmabuf_imp_to_refs {
     uint32_t refs[1]; ...; };
 struct ioctl_gntdev_dmabuf_imp_release {
     uint32_t fd; uint32_t reserved; ...; };
+struct gntdev_grant_copy_segment {
+    union { void *virt;
+            struct { uint32_t ref; uint16_t offset; uint16_t domid; } foreign;
+          } source, dest;
+    uint16_t len; uint16_t flags; int16_t status; ...; };
+struct ioctl_gntdev_grant_copy {
+    unsigned int count; struct gntdev_grant_copy_segment *segments; ...; };
 #define IOCTL_GNTDEV_MAP_GRANT_REF ...
+#define IOCTL_GNTDEV_GRANT_COPY ...
+#define GNTCOPY_source_gref ...
 #define IOCTL_GNTDEV_UNMAP_GRANT_REF ...
 #define IOCTL_GNTDEV_DMABUF_EXP_FROM_REFS ...
 #define IOCTL_GNTDEV_DMABUF_EXP_WAIT_RELEASED ...

@@ -239,6 +239,49 @@ def map_grant_ref(gntdev_fd: int, domid: int, refs: Sequence[int]) -> int:
     return op.index
 
 
+#: GNTST_okay, Xen's "no error" grant status. The kernel's UAPI headers
+#: name GNTST_* but do not define them (they are Xen's public grant_table.h),
+#: so only this one value is used: 0, and any other status is a refusal.
+GNTST_OKAY = 0
+
+#: Xen's names for the GNTST_* statuses a refused ref gets, for messages.
+GNTST_NAMES = {-1: "GNTST_general_error", -2: "GNTST_bad_domain",
+               -3: "GNTST_bad_gntref", -4: "GNTST_bad_handle",
+               -5: "GNTST_bad_virt_addr", -6: "GNTST_bad_dev_addr",
+               -7: "GNTST_no_device_space", -8: "GNTST_permission_denied",
+               -9: "GNTST_bad_page", -10: "GNTST_bad_copy_arg",
+               -11: "GNTST_address_too_big", -12: "GNTST_eagain",
+               -13: "GNTST_no_space"}
+
+
+def grant_copy_status(gntdev_fd: int, domid: int,
+                      refs: Sequence[int]) -> tuple[int, ...]:
+    """GRANT_COPY one byte from each of ``domid``'s ``refs`` to a local
+    buffer, in one ioctl; returns each segment's GNTST_* status (0 = okay).
+
+    MAP_GRANT_REF asks Xen nothing: a ref that does not exist, was ended or
+    is granted to another domain is refused only at mmap. A copy is checked
+    by Xen at once (the grant must name this domain and be in use), maps
+    nothing and uses up no mmap, so it validates refs eagerly.
+    """
+    count = check_page_count(len(refs))
+    segments = ffi.new("struct gntdev_grant_copy_segment[]", count)
+    sink = ffi.new("char[]", count)
+    for i, ref in enumerate(refs):
+        seg = segments[i]
+        seg.source.foreign.ref = ref
+        seg.source.foreign.offset = 0
+        seg.source.foreign.domid = domid
+        seg.dest.virt = sink + i
+        seg.len = 1
+        seg.flags = lib.GNTCOPY_source_gref
+    op = ffi.new("struct ioctl_gntdev_grant_copy *")
+    op.count, op.segments = count, segments
+    _ioctl(gntdev_fd, "IOCTL_GNTDEV_GRANT_COPY", op,
+           _grant_refusals("GRANT_COPY", dmabuf=False))
+    return tuple(segments[i].status for i in range(count))
+
+
 def unmap_grant_ref(gntdev_fd: int, index: int, pages: int) -> None:
     op = ffi.new("struct ioctl_gntdev_unmap_grant_ref *")
     op.index, op.count = index, pages

@@ -160,6 +160,27 @@ class GntdevImport(ImportedDmabuf):
         self._gntdev_fd = _close(self._gntdev_fd)
 
 
+def _check_refs(gntdev_fd: int, domid: int, refs: tuple[int, ...]) -> None:
+    """MapRefused unless Xen lets this domain read every ref now.
+
+    MAP_GRANT_REF does no hypercall, so without this a ref that does not
+    exist, was ended or is granted to another domain would be accepted and
+    fail only at mmap -- which, besides, a mapping gets once. GRANT_COPY of
+    one byte per ref asks Xen in one ioctl and maps nothing.
+    """
+    statuses = native.grant_copy_status(gntdev_fd, domid, refs)
+    refused = [(ref, status) for ref, status in zip(refs, statuses)
+               if status != native.GNTST_OKAY]
+    if refused:
+        ref, status = refused[0]
+        raise MapRefused(
+            f"{len(refused)} of {len(refs)} refs of domain {domid} refused "
+            f"by Xen, first ref {ref}: "
+            f"{native.GNTST_NAMES.get(status, 'GNTST ' + str(status))} "
+            f"({status}); a ref does not exist, was ended, or is granted to "
+            f"another domain")
+
+
 class GntdevDevice(GrantDevice):
     """This domain's grant device. Opening it checks that it exists
     (NoGrantDevice otherwise); each operation opens its own fd."""
@@ -195,6 +216,7 @@ class GntdevDevice(GrantDevice):
         with contextlib.ExitStack() as undo:
             gntdev_fd = native.open_gntdev(writable)
             undo.callback(os.close, gntdev_fd)
+            _check_refs(gntdev_fd, from_domid, refs)
             index = native.map_grant_ref(gntdev_fd, from_domid, refs)
             undo.pop_all()
         return GntdevMapping(gntdev_fd, index, from_domid, refs, writable)
