@@ -17,7 +17,8 @@ Provider side (the qube that owns pages):
 Consumer side (the qube that receives refs):
 
 * :meth:`GrantDevice.map_grant` -- MAP_GRANT_REF + mmap, ``cpu`` mode, works in
-  every guest type;
+  every guest type; refs that are not ours to map are refused here
+  (MapRefused), and the mapping can be mmapped ONCE (see :class:`CpuView`);
 * :meth:`GrantDevice.import_dmabuf` -- EXP_FROM_REFS, ``dmabuf`` mode, only
   where the kernel can (see XEN-LAB.md: not on stock x86); released with
   :meth:`ImportedDmabuf.release`, which closes and then waits
@@ -53,6 +54,13 @@ class CpuView:
 
     The fd belongs to the object that handed out the view; pass it on (e.g.
     with SCM_RIGHTS) or dup it, never close it directly.
+
+    For a consumer's :class:`Mapping`: in a PV domain a mapping can be
+    mmapped once (Linux 6.1's gntdev refuses a second mmap of the same range
+    with EINVAL, even after munmap, and in PVH/HVM too), and that first mmap
+    fixes it read-only or writable. Whoever mmaps it -- normally the
+    application the fd is handed to, never the agent before handing it --
+    does it once and keeps the mapping.
     """
 
     fd: int
@@ -175,7 +183,11 @@ class GrantDevice(_Owned):
     @abc.abstractmethod
     def map_grant(self, from_domid: int, refs: Sequence[int],
                   writable: bool = True) -> Mapping:
-        """MAP_GRANT_REF + mmap of refs granted to us by ``from_domid``."""
+        """MAP_GRANT_REF + mmap of refs granted to us by ``from_domid``.
+
+        Raises MapRefused here (not at mmap) for a ref that does not exist,
+        was ended or is granted to another domain. The returned mapping can
+        be mmapped once."""
 
     @abc.abstractmethod
     def import_dmabuf(self, from_domid: int,

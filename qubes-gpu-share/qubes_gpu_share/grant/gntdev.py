@@ -96,8 +96,9 @@ class GntallocGrant(AllocatedGrant):
 class GntdevMapping(Mapping):
     """Foreign refs reserved for mmap on a private gntdev fd.
 
-    Xen validates the refs when the range is first mmapped: a ref that does
-    not exist, was ended or is granted to another domain fails there.
+    The refs were checked with GRANT_COPY before MAP_GRANT_REF (which asks
+    Xen nothing); Xen checks them again at mmap. The range can be mmapped
+    once: gntdev_mmap refuses a second mmap (EINVAL), even after munmap.
     """
 
     def __init__(self, gntdev_fd: int, index: int, domid: int,
@@ -117,8 +118,9 @@ class GntdevMapping(Mapping):
         except OSError as exc:
             raise MapRefused(
                 f"mapping {self.pages} refs of domain {self.domid} failed "
-                f"({exc.strerror}): a ref does not exist, was ended, or is "
-                f"granted to another domain", exc.errno) from exc
+                f"({exc.strerror}): a ref was ended or is granted to another "
+                f"domain, or this mapping was already mmapped (gntdev allows "
+                f"one mmap per mapping)", exc.errno) from exc
 
     @property
     def pages(self) -> int:
