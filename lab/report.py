@@ -63,6 +63,10 @@ REQUIRED = [
     ("pvh", "kernel-sane", {}),
 ]
 
+#: Results that must be present whatever their verdict (the findings).
+PRESENT = [("pvh-self", "self-grant-cpu"), ("pvh-probe", "probe"),
+           ("dom0", "dom0-maps-regrant")]
+
 ERRNO = {"DmabufNotSupported": "ENOTTY", "DmabufReceiveRefused": "EINVAL",
          "NotGrantable": "EINVAL", "MapRefused": "EINVAL",
          "GrantTableFull": "ENOSPC", "ReleaseTimeout": "ETIMEDOUT",
@@ -222,6 +226,8 @@ def main():
                 {"dom": r["dom"], "test": r["test"], **({"known": why} if why else {})})
     missing = [f"{d} {t} {f}" for d, t, f in REQUIRED
                if not any(r["ok"] for r in find(results, d, t, **f))]
+    missing += [f"{d} {t} (any verdict)" for d, t in PRESENT
+                if not find(results, d, t)]
     verdict = "pass" if done and not unexpected and not missing else "fail"
     record = {"verdict": verdict, "completed": done, "boot": boot_lines[:-1],
               "unexpected_failures": unexpected, "missing_required": missing,

@@ -25,8 +25,8 @@ STEP_TIMEOUT = 150
 #: one kernel's failure cannot hide another step's result.
 DOMUS = (("pv", "pv", "stock,upstream,fixed", "cross,self,probe,contract,sanity", 300),
          ("pvh", "pvh", "stock,upstream,fixed", "cross,sanity", 240),
-         ("pvh-self", "pvh", "stock", "self,sanity", 120),
-         ("pvh-probe", "pvh", "upstream", "probe,sanity", 120))
+         ("pvh-self", "pvh", "stock", "self,sanity", 180),
+         ("pvh-probe", "pvh", "upstream", "probe,sanity", 180))
 #: after a domU's kernel oopsed, give it this long to print the trace
 OOPS_GRACE = 15
 
@@ -116,8 +116,8 @@ def finish_domu(name, t0, timeout, relay):
     ok, beat = True, time.monotonic()
     while run([XL, "domid", name], check=False, timeout=30).strip().isdigit():
         if time.monotonic() > deadline or relay.dead():
-            run([XL, "destroy", name], check=False, timeout=60)
             ok = relay.dead()     # an oops is reported on its own
+            run([XL, "destroy", name], check=False, timeout=60)
             break
         if time.monotonic() - beat > 30:   # the host's hang detector listens
             beat = time.monotonic()
