@@ -57,7 +57,13 @@ class LeasedBuffer:
     meta = property(lambda self: self.info.meta)
 
     def mmap(self, writable: bool = True) -> mmap.mmap:
-        """Map the pages (cpu mode; a dmabuf-mode fd has no mmap)."""
+        """Map the pages (cpu mode; a dmabuf-mode fd has no mmap).
+
+        On Xen a received buffer can be mmapped once (the kernel's gntdev
+        allows one mmap per mapping, even after munmap, and the first one
+        fixes it read-only or writable): keep the returned map for the
+        lease's life. The simulator cannot enforce this (docs/native.md).
+        """
         if self.info.mode is ReceiveMode.DMABUF \
                 and self.info.role is Role.CONSUMER:
             raise ClientError("mode", "a dmabuf-mode buffer has no CPU "
