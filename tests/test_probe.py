@@ -116,6 +116,8 @@ class AnsweringDevice(gd.GrantDevice):
     def __init__(self, receive_error=None, grant_error=None):
         self.receive_error, self.grant_error = receive_error, grant_error
         self.pages: dict[int, int] = {}
+        #: maps of our own grants the probe made
+        self.self_maps: list = []
 
     def grant_new_pages(self, pages, to_domid):
         grant = _Grant(MemfdAllocator().allocate(PAGE_SIZE * pages).fd,
@@ -124,9 +126,12 @@ class AnsweringDevice(gd.GrantDevice):
         return grant
 
     def map_grant(self, from_domid, refs, writable=True):
+        self.self_maps.append(("map", list(refs)))
         return _Mapping(os.dup(self.pages[refs[0]]), from_domid, refs)
 
     def import_dmabuf(self, from_domid, refs):
+        if list(refs) != [0]:  # ref 0 is never granted to us: maps nothing
+            self.self_maps.append(("import", list(refs)))
         if self.receive_error:
             raise self.receive_error
         return _Import()
@@ -150,7 +155,8 @@ class Missing(Allocator):
         raise AssertionError("must not be called when unavailable")
 
 
-DOMAIN = probe.Domain("xen", "PVH", 5, "x86_64")
+#: PV: the guest type where the probe maps its own grant (see PVH below)
+DOMAIN = probe.Domain("xen", "PV", 5, "x86_64")
 
 
 def statuses(report: probe.Report) -> dict[str, str]:
@@ -165,6 +171,27 @@ def test_working_kernel_receives_both_ways():
     assert report.provide_modes == ["dmabuf", "gntalloc"]
     assert [s.status.value for s in report.sources] == ["grantable",
                                                          "unavailable"]
+
+
+@pytest.mark.parametrize("guest_type", ["PVH", "HVM"])
+def test_pvh_and_hvm_never_map_their_own_grant(guest_type):
+    """The lab saw a PVH kernel corrupted by mapping its own grant: the
+    probe only grants there, and learns about the DMABUF ioctls from
+    EXP_FROM_REFS of ref 0, which Xen refuses before mapping anything."""
+    device = AnsweringDevice(DmabufReceiveRefused("ref 0 is not ours"))
+    domain = probe.Domain("xen", guest_type, 5, "x86_64")
+    report = probe.probe(device, domain, [MemfdAllocator()])
+    assert device.self_maps == []
+    assert statuses(report) == {"grant-device": "yes",
+                                "provide-gntalloc": "yes",
+                                "receive-cpu": "yes", "dmabuf-ioctls": "yes",
+                                "receive-dmabuf": "untested"}
+    assert "corrupts a PVH/HVM kernel" in report.check("receive-cpu").detail
+    assert report.receive_modes == ["cpu"]
+    enotty = DmabufNotSupported("kernel lacks CONFIG_XEN_GNTDEV_DMABUF")
+    report = probe.probe(AnsweringDevice(enotty), domain, [MemfdAllocator()])
+    assert statuses(report)["dmabuf-ioctls"] == "no"
+    assert statuses(report)["receive-dmabuf"] == "no"
 
 
 def test_kernel_without_dmabuf_ioctls_says_so():
@@ -223,14 +250,15 @@ def sim_socket(tmp_path_factory):
 
 @pytest.mark.parametrize("domid, traits, receive, ioctls", [
     (7, {}, ["cpu"], "yes"),
-    (8, {"receive_fix": True}, ["dmabuf", "cpu"], "yes"),
+    # PVH: the probe does not map its own grant, so the fix stays untested
+    (8, {"receive_fix": True}, ["cpu"], "yes"),
     (9, {"dmabuf_ioctls": False}, ["cpu"], "no"),
     (10, {"virt_mode": "pv", "receive_fix": True}, ["cpu"], "yes"),
 ])
 def test_probe_against_the_simulator(sim_socket, domid, traits, receive,
                                      ioctls):
     """Each simulated domain (one domid per kind: the simulator keeps a
-    domain's traits) grants a page to itself and receives it."""
+    domain's traits) grants a page to itself and, in PV, receives it."""
     from qubes_gpu_share.grant.expected import DomainKind, VirtMode
     from qubes_gpu_share.grant.sim import SimGrantDevice
     kind = DomainKind(**{**traits, "virt_mode": VirtMode(
