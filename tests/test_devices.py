@@ -54,6 +54,25 @@ def test_fake_sysfs_tree_is_classified(fake_sys, tmp_path):
         gntalloc=None)
 
 
+def test_drivers_below_the_bus_and_driverless_devices(tmp_path):
+    """virtio-gpu: the card's device is bound to virtio-pci, the GPU driver
+    sits on virtio0 below it; vgem: a platform device with no driver."""
+    sys_root = tmp_path / "sys"
+    add_class_device(sys_root, "drm", "card0", "dri/card0", "virtio-pci")
+    virtio = sys_root / "class/drm/card0/device/virtio0"
+    virtio.mkdir()
+    (sys_root / "bus/drivers/virtio_gpu").mkdir(parents=True)
+    (virtio / "driver").symlink_to(sys_root / "bus/drivers/virtio_gpu")
+    add_class_device(sys_root, "drm", "card1", "dri/card1")
+    (sys_root / "devices/platform/vgem").mkdir(parents=True)
+    (sys_root / "class/drm/card1/device").symlink_to(
+        sys_root / "devices/platform/vgem")
+    dev = str(tmp_path / "dev")
+    found = devices.classify(devices.scan_sysfs(str(sys_root), dev), dev)
+    assert [(d.driver, d.memory) for d in found.drm] == [
+        ("virtio_gpu", Memory.SYSTEM), ("vgem", Memory.SYSTEM)]
+
+
 def test_missing_sysfs_gives_nothing(tmp_path):
     assert devices.scan_sysfs(str(tmp_path / "nosys")) == []
     assert devices.classify([]) == Devices()

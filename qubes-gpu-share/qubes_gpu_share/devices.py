@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import glob
 import os
 from collections.abc import AsyncIterator, Iterable
 
@@ -142,10 +143,19 @@ def _read_uevent(path: str) -> dict[str, str]:
 
 
 def _sysfs_driver(device_dir: str) -> str | None:
-    """The driver bound to a class device's parent (``device/driver``)."""
-    link = os.path.join(device_dir, "device", "driver")
-    return os.path.basename(os.readlink(link)) if os.path.islink(link) \
-        else None
+    """The driver of a class device's own device: virtio-gpu's card hangs
+    off a PCI device bound to virtio-pci, its driver is on the virtio
+    device below it (``device/virtio*/driver``); a device with no driver
+    bound (vgem is a bare platform device) is named by its device."""
+    device = os.path.join(device_dir, "device")
+    for link in [*sorted(glob.glob(os.path.join(device, "virtio*",
+                                                "driver"))),
+                 os.path.join(device, "driver")]:
+        if os.path.islink(link):
+            return os.path.basename(os.readlink(link))
+    if os.path.islink(device):
+        return os.path.basename(os.path.realpath(device))
+    return None
 
 
 def scan_sysfs(sys_root: str = "/sys",
@@ -173,9 +183,8 @@ def _udev_raw(device) -> RawDevice | None:
     """A pyudev Device as a RawDevice (None if it has no node)."""
     if not device.device_node:
         return None
-    parent = device.parent
-    driver = parent.driver if parent is not None else None
-    return RawDevice(device.subsystem, device.device_node, driver)
+    return RawDevice(device.subsystem, device.device_node,
+                     _sysfs_driver(device.sys_path))
 
 
 def scan_udev() -> list[RawDevice]:
