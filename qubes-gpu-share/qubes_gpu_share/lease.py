@@ -40,10 +40,8 @@ import enum
 from collections.abc import Sequence
 
 from .formats import BufferMeta, ReceiveMode, validate_meta
-from .names import parse_lease_id, parse_qube_name
+from .names import MAX_DOMID, parse_lease_id, parse_qube_name
 
-#: Domain ids below DOMID_FIRST_RESERVED (0x7FF0) are real domains.
-MAX_DOMID = 0x7FEF
 MAX_REF = 0xFFFFFFFF
 
 

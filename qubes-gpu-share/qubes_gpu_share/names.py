@@ -17,6 +17,11 @@ _QUBE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
 _RESERVED = frozenset({"none", "default", "Domain-0"})
 DOM0 = "dom0"
 
+#: Xen's DOMID_FIRST_RESERVED: ids from here on are Xen's own (DOMID_SELF,
+#: DOMID_IO...) and name no real domain; MAX_DOMID is the largest real one.
+DOMID_FIRST_RESERVED = 0x7FF0
+MAX_DOMID = DOMID_FIRST_RESERVED - 1
+
 LEASE_ID_BYTES = 16
 _LEASE_ID = re.compile(r"[0-9a-f]{32}")
 

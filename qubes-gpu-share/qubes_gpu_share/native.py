@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 from ._native import ffi, lib
 from .grant.device import check_page_count
+from .names import DOMID_FIRST_RESERVED
 from .grant.errors import (
     AlreadyReleased, DmabufNotSupported, DmabufReceiveRefused, GrantError,
     GrantTableFull, NoGrantDevice, NotGrantable, ReleaseTimeout)
@@ -29,8 +30,6 @@ GNTDEV_PATH = "/dev/xen/gntdev"
 GNTALLOC_PATH = "/dev/xen/gntalloc"
 GUEST_TYPE_PATH = "/sys/hypervisor/guest_type"
 XEN_CAPABILITIES_PATH = "/proc/xen/capabilities"
-#: Domain ids at and above DOMID_FIRST_RESERVED name no real domain.
-DOMID_FIRST_RESERVED = 0x7FF0
 
 #: Turns an errno into the exception to raise, or None for the default one.
 Explain = Callable[[int], "BaseException | None"]

@@ -52,8 +52,7 @@ MAX_LIST_LEASES = 4096
 #: A lease-list line: "ID ROLE PEER STATE PAGES MODE DEADLINE\n" at most.
 MAX_LIST_LINE = 32 + 1 + 8 + 1 + 31 + 1 + 16 + 1 + 5 + 1 + 6 + 1 + 13 + 1
 REF_SIZE = 4
-#: DOMID_FIRST_RESERVED - 1: larger ids are Xen's own (DOMID_SELF...).
-MAX_DOMID = 0x7FEF
+MAX_DOMID = names.MAX_DOMID
 MAX_TTL = 365 * 24 * 3600
 MAX_DEADLINE = 2**40
 MAX_TEXT = 200

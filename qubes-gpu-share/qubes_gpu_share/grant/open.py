@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from ..names import DOMID_FIRST_RESERVED
 from .device import GrantDevice
 from .expected import DomainKind, VirtMode
 
@@ -55,7 +56,7 @@ def parse_spec(text: str) -> DeviceSpec:
     if len(parts) < 2 or not parts[-1].isdigit() or not all(parts[:-1]):
         raise BadDeviceSpec(f"{ENV}={text!r}: expected sim:SOCKET:DOMID")
     domid = int(parts.pop())
-    if domid >= 0x7FF0:
+    if domid >= DOMID_FIRST_RESERVED:
         raise BadDeviceSpec(f"{ENV}: domain id {domid} is reserved by Xen")
     return DeviceSpec(":".join(parts), domid, kind)
 

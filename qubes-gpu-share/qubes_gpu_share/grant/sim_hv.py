@@ -28,6 +28,7 @@ import stat
 from collections.abc import Awaitable, Callable
 
 from ..formats import PAGE_SIZE
+from ..names import DOMID_FIRST_RESERVED
 from . import errors
 from .device import check_page_count
 from .expected import (DEFAULT_GRANT_ENTRIES, DEFAULT_MAPTRACK_ENTRIES,
@@ -40,8 +41,6 @@ from .sim_proto import (ANCILLARY_SIZE, EXPORT, GRANT, HELLO, ID, MAP,
 from .sim_tables import (Backing, Domain, Grant, Mapped, end_grant,
                          memfd_pages, resolve_mapping, unmap)
 
-#: Xen's first reserved domid (DOMID_FIRST_RESERVED).
-DOMID_LIMIT = 0x7FF0
 _VIRT_MODES = tuple(VirtMode)
 
 
@@ -167,7 +166,7 @@ class Hypervisor:
             payload, HELLO)
         if conn.domain is not None:
             raise ProtocolError("HELLO twice")
-        if domid >= DOMID_LIMIT or virt >= len(_VIRT_MODES) or max(
+        if domid >= DOMID_FIRST_RESERVED or virt >= len(_VIRT_MODES) or max(
                 ioctls, fix) > 1:
             raise ProtocolError("invalid domain description")
         table = table or self.table_entries

@@ -31,7 +31,7 @@ import shutil
 from collections.abc import Iterable, Mapping, Sequence
 
 from ..limits import SERVICE_CONSUMER, SERVICE_PROVIDER
-from ..names import DOM0, parse_qube_name
+from ..names import DOM0, DOMID_FIRST_RESERVED, parse_qube_name
 from ..qrexec.router import Router
 from ..qubes.info import VIRT_MODES
 
@@ -70,7 +70,7 @@ class SimQube:
         parse_qube_name(self.name)
         if self.virt_mode not in VIRT_MODES:
             raise ValueError(f"qube {self.name}: virt_mode {self.virt_mode!r}")
-        if not 0 <= self.xid < 0x7FF0:
+        if not 0 <= self.xid < DOMID_FIRST_RESERVED:
             raise ValueError(f"qube {self.name}: domain id {self.xid}")
         unknown = set(self.kernel) - set(KERNEL_TRAITS)
         if unknown:

@@ -26,9 +26,9 @@ from collections.abc import Iterable, Sequence
 from ..grant.open import parse_traits
 from ..grant.sim import SimGrantDevice, SimStats
 from ..lease import Lease
-from ..names import DOM0
+from ..names import DOM0, MAX_DOMID
 from ..registry import Registry
-from .layout import Layout, SimQube, build
+from .layout import SimQube, build
 from .pattern import first_difference
 from .processes import (SimProcess, SimProcessError, child_env,
                         python_module)
@@ -39,7 +39,7 @@ HYPERVISOR = "hypervisor"
 BROKER = "broker"
 #: The domain id the test harness uses to ask the hypervisor questions; no
 #: simulated qube may have it.
-OBSERVER_DOMID = 0x7FEF
+OBSERVER_DOMID = MAX_DOMID
 
 
 class SimSystem:
