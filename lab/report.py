@@ -25,24 +25,18 @@ BEGIN, END = "<!-- lab-results:begin -->", "<!-- lab-results:end -->"
 #: Failures that are findings, not lab faults: (dom, test, domu or None) ->
 #: why. Anything else that fails fails the run.
 KNOWN = {
-    ("dom0", "dom0-maps-regrant", None):
-        "Xen does not map a grant of a page that is itself a grant mapping "
-        "(the control, a udmabuf granted the same way, maps)",
     ("pvh-self", "*", None):
-        "a PVH domU that maps a grant of its own (as the probe does) "
-        "corrupts its kernel's memory (oops)",
-    ("pvh-probe", "*", None):
-        "the probe's self-grant check in a PVH domU: same oops",
+        "a PVH domU that maps a grant of its own corrupts its kernel's "
+        "memory (oops); the probe therefore does not self-map in PVH/HVM",
     ("dom0", "domu-kernel-clean", "pvh-self"): "same oops, seen from dom0",
-    ("dom0", "domu-kernel-clean", "pvh-probe"): "same oops, seen from dom0",
     ("dom0", "domu-run", "pvh-self"): "its kernel hangs after the self-grant",
-    ("dom0", "domu-run", "pvh-probe"): "its kernel hangs after the self-grant",
 }
 
 #: Results that must be present and pass: (dom, test, {field: value}).
 REQUIRED = [
     ("dom0", "native-import", {}),
     ("dom0", "probe", {}),
+    ("dom0", "contract-suite", {}),
     *[(d, "consumer-sees-picture", {"mode": m})
       for d in ("pv", "pvh") for m in ("udmabuf", "gntalloc")],
     *[("dom0", t, {"of": d, "mode": m})
@@ -53,19 +47,26 @@ REQUIRED = [
                 "table-receive-cpu")
       for v in ("stock", "upstream", "fixed")],
     ("pvh", "exp-from-refs-fd", {}),
+    ("pvh", "exp-dmabuf-holds-dom0-pages", {}),
+    ("pvh", "regrant-refused-by-project", {}),
+    ("pvh", "grant-back-control", {}),
+    ("pvh", "grant-back-regrant", {}),
     ("pvh", "wait-released-while-open", {}),
     ("pvh", "wait-released-after-last-close", {}),
+    ("pvh", "wait-released-again", {}),
     ("pvh", "consumer-dmabuf-mode", {}),
-    ("dom0", "dom0-maps-control", {"of": "pvh"}),
-    ("pv", "probe", {"variant": "fixed"}),
+    ("pv", "grant-back-control", {}),
+    *[("pv", "probe", {"variant": v}) for v in ("stock", "upstream", "fixed")],
+    ("pv", "contract-suite", {}),
     ("pv", "kernel-sane", {}),
+    ("pvh-probe", "probe", {"variant": "upstream"}),
+    ("pvh-probe", "kernel-sane", {}),
     ("dom0", "drm-cards", {}),
     ("pvh", "kernel-sane", {}),
 ]
 
 #: Results that must be present whatever their verdict (the findings).
-PRESENT = [("pvh-self", "self-grant-cpu"), ("pvh-probe", "probe"),
-           ("dom0", "dom0-maps-regrant")]
+PRESENT = [("pvh-self", "self-grant-cpu")]
 
 ERRNO = {"DmabufNotSupported": "ENOTTY", "DmabufReceiveRefused": "EINVAL",
          "NotGrantable": "EINVAL", "MapRefused": "EINVAL",
@@ -165,22 +166,28 @@ def table(results, versions, boot):
                       f"IMP_TO_REFS → PV domU maps, checks, writes back", res,
                       ms(results, "pv", "consumer-sees-picture", "check_ms",
                          mode=r["mode"])))
-    for label, dom, test, key in (
+    for label, dom, test, key, *extra in (
             ("PVH +fix: EXP_FROM_REFS fd is a dma-buf", "pvh", "exp-from-refs-fd", "fd_target"),
             ("PVH +fix: mmap of that dma-buf", "pvh", "exp-dmabuf-mmap", "answer"),
             ("PVH +fix: EXP_WAIT_RELEASED while open", "pvh", "wait-released-while-open", "answer"),
             ("PVH +fix: EXP_WAIT_RELEASED across the last close", "pvh", "wait-released-after-last-close", "answer"),
             ("PVH +fix: EXP_WAIT_RELEASED afterwards", "pvh", "wait-released-again", "answer"),
             ("PVH +fix: consumer agent in dmabuf mode (receive, hand out, let go)", "pvh", "consumer-dmabuf-mode", None),
-            ("PVH +fix: domU re-grants the dma-buf to dom0, dom0 maps it", "dom0", "dom0-maps-regrant", "verdict"),
-            ("control: domU grants a udmabuf to dom0, dom0 maps it", "dom0", "dom0-maps-control", "verdict"),
+            ("PVH +fix: the dma-buf holds dom0's pages (read by an importing driver, lab/modules/dmabuf-peek.c)", "pvh", "exp-dmabuf-holds-dom0-pages", None),
+            ("PVH +fix: the dma-buf's exporter (fdinfo exp_name)", "pvh", "exp-from-refs-fd", "exp_name"),
+            ("PVH +fix: domU grants that dma-buf on to dom0 (IMP_TO_REFS), dom0 maps it", "pvh", "grant-back-regrant", "verdict"),
+            ("PVH +fix: the project refuses to grant it on", "pvh", "regrant-refused-by-project", "observed"),
+            ("PVH domU grants a udmabuf to dom0 (IMP_TO_REFS), dom0 maps it", "pvh", "grant-back-control", "verdict"),
+            ("PV domU grants a udmabuf to dom0 (IMP_TO_REFS), dom0 maps it", "pv", "grant-back-control", "verdict"),
             ("PV domU maps a grant of its own (self-grant, as the probe)", "pv", "self-grant-cpu", "answer"),
             ("PVH domU maps a grant of its own (Debian stock gntdev)", "pvh-self", "self-grant-cpu", "answer"),
-            ("oops lines in that PVH domU's kernel log", "dom0", "domu-kernel-clean", "oops"),
-            ("the probe in a PVH domU (it self-grants)", "pvh-probe", "probe", "error"),
+            ("oops lines in that PVH domU's kernel log", "dom0", "domu-kernel-clean", "oops", {"domu": "pvh-self"}),
+            ("the probe in a PVH domU (+DMABUF): receive modes", "pvh-probe", "probe", "receive_modes", {"variant": "upstream"}),
+            ("the probe in a PV domU (+DMABUF): provide modes", "pv", "probe", "provide_modes", {"variant": "upstream"}),
             ("contract suite (tests/test_grant_real.py) in dom0", "dom0", "contract-suite", "counts"),
             ("contract suite in the PV domU", "pv", "contract-suite", "counts")):
-        rs = find(results, dom, test, **({"domu": "pvh-self"} if test == "domu-kernel-clean" else {}))
+        fields = extra[0] if extra else {}
+        rs = find(results, dom, test, **fields)
         if not rs:
             facts.append((label, "not run", ""))
             continue
@@ -195,7 +202,7 @@ def table(results, versions, boot):
         if isinstance(val, str) and "\ufffd" in val:
             val = "unreadable output (bytes 0xff: pages with no memory behind them)"
         facts.append((label, str(val).replace("|", "/")[:160],
-                      ms(results, dom, test, **({"domu": "pvh-self"} if test == "domu-kernel-clean" else {}))))
+                      ms(results, dom, test, **fields)))
     lines += ["", "| what | result | time |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in facts]
     env = (find(results, "dom0", "env") or [{}])[0]

@@ -3,6 +3,7 @@ the dma-buf ioctls): check dom0 itself, then start each domU, provide its
 leases through the project's provider agent, check what the domU wrote
 back, release in the safe order, and relay the domU's results."""
 
+import json
 import logging
 import os
 import platform
@@ -204,20 +205,20 @@ class Leases:
         emit("provider-release", not seen.messages, mode=mode, of=self.name,
              answer=answer.status.value, warnings=seen.messages, ms=t.ms)
 
-    def check_regrant(self):
-        """With the fixed gntdev the domU turns our refs into a dma-buf and
-        grants that back to dom0: map it and look for our bytes. Beside it,
-        the control: a udmabuf of the domU's with the same bytes."""
-        refs = labio.xs_read_ints(f"{self.base}/regrant/refs", STEP_TIMEOUT)
-        if not refs:
-            return          # the domU had no dma-buf to re-grant
-        control = labio.xs_read_ints(f"{self.base}/control/refs", 10)
+    def check_grant_back(self):
+        """The domU granted us, with IMP_TO_REFS, a udmabuf of its own
+        holding the receive bytes (the control) and, with the fixed gntdev
+        in PVH, the dma-buf it made of our refs (the re-grant). Map each,
+        compare, and tell the domU, which judges against the expected
+        table (here they are only recorded)."""
         verdicts = {}
-        for what, r in (("control", control), ("regrant", refs)):
-            verdicts[what] = self.map_and_compare(r)
-            emit(f"dom0-maps-{what}", verdicts[what] == "same", of=self.name,
-                 pages=len(r), verdict=verdicts[what])
-        labio.xs_write(f"{self.base}/regrant/checked", verdicts["regrant"])
+        for what in ("control", "regrant"):
+            refs = labio.xs_read_ints(f"{self.base}/{what}/refs", STEP_TIMEOUT)
+            if refs:
+                verdicts[what] = self.map_and_compare(refs)
+                emit(f"dom0-maps-{what}", None, of=self.name, pages=len(refs),
+                     verdict=verdicts[what])
+        labio.xs_write(f"{self.base}/grant-back/verdicts", json.dumps(verdicts))
 
     def map_and_compare(self, refs):
         from qubes_gpu_share.grant.errors import GrantError
@@ -279,7 +280,7 @@ def serve_domu(name, virt, gntdev, steps, lifetime, drm=(), attempt=1):
             for mode in leases.modes:
                 leases.check_written_back(mode)
                 leases.release_after_consumer(mode)
-            leases.check_regrant()
+            leases.check_grant_back()
             leases.close()
     except Exception as e:  # noqa: BLE001 - recorded; the domU is still waited for
         if leases is not None:

@@ -6,6 +6,7 @@ leases through the project's consumer agent; where EXP_FROM_REFS works
 (the fixed build in PVH) it checks the dma-buf it gets from every side."""
 
 import asyncio
+import json
 import os
 import threading
 import time
@@ -53,7 +54,72 @@ def consume_cpu_leases(base):
     consumer.close()
 
 
-def dmabuf_received(imported, base):
+def raw_grant(dmabuf_fd, pages, to_domid):
+    """IMP_TO_REFS straight through the native helper, past the project's
+    own refusals: here the kernel's and Xen's behaviour is under test.
+    Released like any of the project's grants (DmabufGrant.revoke)."""
+    from qubes_gpu_share import native
+    from qubes_gpu_share.grant.gntdev import DmabufGrant
+    gntdev_fd, own = native.open_gntdev(), os.dup(dmabuf_fd)
+    try:
+        refs = native.imp_to_refs(gntdev_fd, own, pages, to_domid)
+    except Exception:
+        os.close(own)
+        os.close(gntdev_fd)
+        raise
+    return DmabufGrant(gntdev_fd, own, to_domid, refs)
+
+
+def grant_back(base, variant, dmabuf_fd=None):
+    """Grant to dom0 with IMP_TO_REFS a udmabuf of ours holding the receive
+    bytes (the control) and, when given, the dma-buf EXP_FROM_REFS made of
+    dom0's pages (the re-grant). dom0 maps both and says what it found.
+
+    Judged against the expected table: the control maps with the same
+    bytes where the table lets this domain grant dma-bufs (not in a PV
+    domU: its refs name wrong frames); a re-grant never maps (its pages
+    are grant mappings, Xen grants only a domain's own RAM)."""
+    from qubes_gpu_share.alloc.udmabuf import UdmabufAllocator
+    from qubes_gpu_share.grant.expected import expected
+    control = UdmabufAllocator().allocate(L.RECV_PAGES * 4096)
+    m = control.mmap()
+    m[:] = L.recv_bytes()
+    m.close()
+    grants = {}
+    if checks.VARIANTS[variant]["dmabuf_ioctls"]:
+        grants["control"] = raw_grant(control.fd, L.RECV_PAGES, 0)
+    if dmabuf_fd is not None:
+        grants["regrant"] = raw_grant(dmabuf_fd, L.RECV_PAGES, 0)
+    for what in ("control", "regrant"):
+        refs = grants[what].refs if what in grants else ()
+        labio.xs_write_ints(f"{base}/{what}/refs", list(refs))
+    verdicts = json.loads(labio.xs_wait(f"{base}/grant-back/verdicts",
+                                        STEP_TIMEOUT))
+    for grant in grants.values():
+        grant.revoke()
+    control.close()
+    if "control" not in grants:
+        return
+    refusal = expected(checks.kind(variant)).grant_dmabuf
+    emit("grant-back-control", (verdicts["control"] == "same") == (refusal is None),
+         variant=variant, verdict=verdicts["control"],
+         expected="same" if refusal is None else "not the same bytes",
+         project_refuses=refusal and refusal.reason)
+    if "regrant" in grants:
+        emit("grant-back-regrant", verdicts["regrant"].startswith("map failed"),
+             variant=variant, verdict=verdicts["regrant"],
+             expected="map failed")
+
+
+def dmabuf_exp_name(fd):
+    """The dma-buf's exporter as Linux shows it in fdinfo (exp_name)."""
+    for line in open(f"/proc/self/fdinfo/{fd}"):
+        if line.startswith("exp_name:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def dmabuf_received(imported, base, variant):
     """EXP_FROM_REFS gave a dma-buf: is it one, does it hold dom0's pages,
     does EXP_WAIT_RELEASED tell the truth; then the agent's dmabuf mode."""
     from qubes_gpu_share import native
@@ -64,7 +130,7 @@ def dmabuf_received(imported, base):
     fd = imported.fd
     link = os.readlink(f"/proc/self/fd/{fd}")
     emit("exp-from-refs-fd", link.startswith("/dmabuf") or "dmabuf" in link,
-         fd_target=link)
+         fd_target=link, exp_name=dmabuf_exp_name(fd))
 
     # no mmap on it (the CPU path is MAP_GRANT_REF): recorded, not judged
     try:
@@ -74,23 +140,22 @@ def dmabuf_received(imported, base):
         mm = f"{e.strerror} ({e.errno})"
     emit("exp-dmabuf-mmap", None, answer=mm)
 
-    # its pages are dom0's: grant the dma-buf back to dom0 (IMP_TO_REFS),
-    # dom0 maps the new refs and compares with what it wrote. The control:
-    # a udmabuf of ours with the same bytes, granted to dom0 the same way.
-    from qubes_gpu_share.alloc.udmabuf import UdmabufAllocator
-    control = UdmabufAllocator().allocate(L.RECV_PAGES * 4096)
-    m = control.mmap()
-    m[:] = L.recv_bytes()
-    m.close()
-    control_grant = device.grant_dmabuf(control.fd, L.RECV_PAGES, 0)
-    regrant = device.grant_dmabuf(fd, L.RECV_PAGES, 0)
-    emit("regrant-to-dom0", True, pages=len(regrant.refs))
-    labio.xs_write_ints(f"{base}/control/refs", list(control_grant.refs))
-    labio.xs_write_ints(f"{base}/regrant/refs", list(regrant.refs))
-    verdict = labio.xs_wait(f"{base}/regrant/checked", STEP_TIMEOUT)
-    regrant.revoke()
-    control_grant.revoke()
-    control.close()
+    # its pages are dom0's: read them as a driver importing the dma-buf
+    # would (attach, map the sg table, read its pages; lab/modules/dmabuf-peek.c)
+    with labio.Timer() as t:
+        seen = labio.peek_dmabuf(fd, L.RECV_PAGES * 4096)
+    where = L.differs(seen, L.recv_bytes())
+    emit("exp-dmabuf-holds-dom0-pages", where is None, bytes=len(seen),
+         first_difference=where, ms=t.ms)
+
+    # the project does not grant it on (it cannot work: grant_back shows why)
+    got, why, grant = checks.outcome(
+        lambda: device.grant_dmabuf(fd, L.RECV_PAGES, 0))
+    if grant is not None:
+        grant.revoke()
+    emit("regrant-refused-by-project", got == "NotGrantable", observed=got,
+         reason=why)
+    grant_back(base, variant, fd)
 
     # EXP_WAIT_RELEASED, keyed by the exported fd number (native calls:
     # this is the kernel's behaviour, not the agent's)
@@ -122,7 +187,6 @@ def dmabuf_received(imported, base):
         again = type(e).__name__
     emit("wait-released-again", again == "AlreadyReleased", answer=again)
     imported.close()
-    return verdict
 
 
 def consume_dmabuf_mode(base, refs):
@@ -158,7 +222,7 @@ def cross_domain(base, variants):
             fds_before = len(os.listdir("/proc/self/fd"))
         imported = checks.table_row(variant, 0, recv_refs, L.recv_bytes())
         if imported is not None and not regranted:
-            dmabuf_received(imported, base)
+            dmabuf_received(imported, base, variant)
             consume_dmabuf_mode(base, recv_refs)
             regranted = True
         elif imported is not None:
@@ -166,8 +230,8 @@ def cross_domain(base, variants):
         if variant != "stock" and not consumed:
             consume_cpu_leases(base)
             consumed = True
-    if not regranted:     # tell dom0 there is nothing to check
-        labio.xs_write_ints(f"{base}/regrant/refs", [])
+    if not regranted:     # no dma-buf of dom0's pages: the control alone
+        grant_back(base, variants[-1])
     if not consumed:
         consume_cpu_leases(base)
     fds_after = len(os.listdir("/proc/self/fd"))

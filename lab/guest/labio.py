@@ -71,17 +71,38 @@ def use_gntdev(variant):
             run(["insmod", ko], check=False)   # dependencies may be loaded
     else:
         insmod(f"/lib/modules/lab/{variant}/xen-gntdev.ko")
-    # devtmpfs creates the node; wait for it like udev would
+    wait_for_node("/dev/xen/gntdev")
+
+
+def wait_for_node(path):
+    """devtmpfs creates a module's device node; wait for it like udev would."""
     deadline = time.monotonic() + 10
-    while not os.path.exists("/dev/xen/gntdev"):
+    while not os.path.exists(path):
         if time.monotonic() > deadline:
-            raise RuntimeError("/dev/xen/gntdev did not appear")
+            raise RuntimeError(f"{path} did not appear")
         time.sleep(0.05)
 
 
 def use_udmabuf():
     if not os.path.exists("/sys/module/udmabuf"):
         insmod("/lib/modules/lab/upstream/udmabuf.ko")
+
+
+PEEK = "/dev/dmabuf_peek"
+
+
+def peek_dmabuf(fd, size):
+    """The bytes a dma-buf holds, read in the kernel by the lab's test-only
+    importer (lab/modules/dmabuf-peek.c): write the fd number, read back."""
+    if not os.path.exists("/sys/module/dmabuf_peek"):
+        insmod("/lib/modules/lab/upstream/dmabuf-peek.ko")
+    wait_for_node(PEEK)
+    peek = os.open(PEEK, os.O_RDWR)
+    try:
+        os.write(peek, str(fd).encode())
+        return os.pread(peek, size, 0)
+    finally:
+        os.close(peek)
 
 
 # xenstore: the only channel between dom0 and a domU besides the grants
