@@ -19,8 +19,11 @@ import pytest
 
 from qubes_gpu_share import native
 from qubes_gpu_share._native import ffi, lib
-from qubes_gpu_share.grant import errors
+from qubes_gpu_share.grant import errors, this_domain
+from qubes_gpu_share.grant.expected import (GRANT_REFUSED_PV_DMA,
+                                            NO_DMABUF_IOCTLS)
 from qubes_gpu_share.grant.gntdev import GntdevDevice
+from test_this_domain import fake_domain
 
 HAVE_XEN = os.path.exists(native.GNTDEV_PATH)
 xen = pytest.mark.xen
@@ -60,10 +63,12 @@ class FakeLib:
 
 
 @pytest.fixture
-def fake_devices(monkeypatch):
-    """Device nodes that open (/dev/null) and a ``fail_with`` helper."""
+def fake_devices(monkeypatch, tmp_path):
+    """Device nodes that open (/dev/null) in a domain that is not PV (an
+    empty /sys), and a ``fail_with`` helper."""
     monkeypatch.setattr(native, "GNTDEV_PATH", os.devnull)
     monkeypatch.setattr(native, "GNTALLOC_PATH", os.devnull)
+    monkeypatch.setattr(this_domain, "SYS_ROOT", str(tmp_path / "no-sys"))
 
     def install(answer) -> FakeLib:
         fake = FakeLib(answer)
@@ -291,6 +296,65 @@ def test_error_paths_leak_no_fd(monkeypatch, no_fd_leak):
         device.map_grant(1, [1, 2], writable=False)
     with pytest.raises(errors.GrantError):
         device.grant_new_pages(2, 1)
+
+
+# --- IMP_TO_REFS the kernel would make wrongly: refused before it ------------
+
+IMP_TO_REFS = lib.IOCTL_GNTDEV_DMABUF_IMP_TO_REFS
+IMP_RELEASE = lib.IOCTL_GNTDEV_DMABUF_IMP_RELEASE
+
+
+def grant_devnull(device: GntdevDevice) -> None:
+    """Grant /dev/null as a 1-page dma-buf (the kernel stand-in decides)."""
+    with open(os.devnull, "rb") as dmabuf:
+        device.grant_dmabuf(dmabuf.fileno(), 1, 9).revoke()
+
+
+def test_pv_domu_without_swiotlb_xen_never_calls_imp_to_refs(
+        fake_devices, tmp_path, no_fd_leak):
+    """It would grant wrong frames (the lab: Xen refused every ref)."""
+    fake = fake_devices(lambda request, arg: 0)
+    device = GntdevDevice(*fake_domain(tmp_path, "PV"))
+    for _ in range(2):
+        with pytest.raises(errors.NotGrantable) as refused:
+            grant_devnull(device)
+        assert str(refused.value) == GRANT_REFUSED_PV_DMA.reason
+    # the DMABUF ioctls were asked for once, by an IMP_RELEASE of nothing
+    assert fake.calls == [IMP_RELEASE]
+
+
+def test_pv_domu_without_dmabuf_ioctls_says_that_first(fake_devices,
+                                                       tmp_path, no_fd_leak):
+    fake = fake_devices(fail_with(errno.ENOTTY))
+    device = GntdevDevice(*fake_domain(tmp_path, "PV"))
+    with pytest.raises(errors.DmabufNotSupported) as refused:
+        grant_devnull(device)
+    assert str(refused.value) == NO_DMABUF_IOCTLS.reason
+    assert fake.calls == [IMP_RELEASE]
+
+
+def test_ioctl_probe_finding_nothing_to_release_means_present(
+        fake_devices, tmp_path, no_fd_leak):
+    fake = fake_devices(fail_with(errno.ENOENT))
+    device = GntdevDevice(*fake_domain(tmp_path, "PV"))
+    with pytest.raises(errors.NotGrantable):
+        grant_devnull(device)
+    assert fake.calls == [IMP_RELEASE]
+
+
+@pytest.mark.parametrize("guest_type, capabilities, pci", [
+    ("PV", "control_d", ()),                 # dom0
+    ("PV", None, ("0000:00:05.0",)),         # PV domU with pcifront
+    ("PVH", None, ()),
+    ("HVM", None, ()),
+])
+def test_domains_with_machine_dma_addresses_grant(
+        fake_devices, tmp_path, no_fd_leak, guest_type, capabilities, pci):
+    fake = fake_devices(lambda request, arg: 0)
+    device = GntdevDevice(*fake_domain(tmp_path, guest_type, capabilities,
+                                       pci))
+    grant_devnull(device)
+    assert fake.calls == [IMP_TO_REFS, IMP_RELEASE]
 
 
 # --- lifetimes with a kernel stand-in ---------------------------------------

@@ -7,7 +7,9 @@ so the lab says it:
 
 * QUBES_GPU_SHARE_SELF_DOMID -- this domain's id (default 0 in dom0);
 * QUBES_GPU_SHARE_KIND -- traits as in open.py, e.g. ``pvh,fix`` or
-  ``pv,nodmabuf`` (the virt mode defaults to /sys/hypervisor/guest_type).
+  ``pv,nodmabuf`` (the virt mode defaults to /sys/hypervisor/guest_type,
+  ``swiotlb`` to what the real device reads, grant/this_domain.py: so a PV
+  domU expects IMP_TO_REFS refused and PV dom0 expects it to work).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 from grant_contract import *  # noqa: F401,F403 (the contract's tests)
 from grant_contract import GrantImpl
 from qubes_gpu_share.formats import PAGE_SIZE
+from qubes_gpu_share.grant import this_domain
 from qubes_gpu_share.grant.expected import VirtMode
 from qubes_gpu_share.grant.open import DeviceSpec, open_grant_device
 from qubes_gpu_share.grant.open import parse_traits
@@ -38,25 +41,24 @@ pytestmark = [
 def _self_domid() -> int:
     if "QUBES_GPU_SHARE_SELF_DOMID" in os.environ:
         return int(os.environ["QUBES_GPU_SHARE_SELF_DOMID"])
-    try:
-        with open("/proc/xen/capabilities") as caps:
-            if "control_d" in caps.read(256):
-                return 0
-    except OSError:
-        pass
+    if this_domain.is_dom0():
+        return 0
     pytest.skip("set QUBES_GPU_SHARE_SELF_DOMID to this domain's id")
 
 
 def _kind():
+    """The env's traits; what it does not say is read as the real device
+    reads it."""
     words = [word for word in os.environ.get(
         "QUBES_GPU_SHARE_KIND", "").split(",") if word]
     if not {mode.value for mode in VirtMode} & set(words):
-        try:
-            with open("/sys/hypervisor/guest_type") as guest:
-                words.append(guest.read(16).strip().lower())
-        except OSError:
+        mode = this_domain.virt_mode()
+        if mode is None:
             pytest.skip("no /sys/hypervisor/guest_type: set "
                         "QUBES_GPU_SHARE_KIND")
+        words.append(mode.value)
+    if "swiotlb" not in words and this_domain.xen_swiotlb():
+        words.append("swiotlb")
     return parse_traits(",".join(words))
 
 

@@ -19,9 +19,10 @@ from grant_contract import GrantImpl
 from qubes_gpu_share.formats import PAGE_SIZE
 from qubes_gpu_share.grant import errors
 from qubes_gpu_share.grant import sim_proto
-from qubes_gpu_share.grant.expected import (DEFAULT_GRANT_ENTRIES,
-                                            RESERVED_GRANT_REFS, DomainKind,
-                                            VirtMode, all_kinds, expected)
+from qubes_gpu_share.grant.expected import (
+    DEFAULT_GRANT_ENTRIES, DOM0_KIND, GRANT_REFUSED_PV_DMA, NO_DMABUF_IOCTLS,
+    RESERVED_GRANT_REFS, DomainKind, VirtMode, all_kinds,
+    dmabuf_grant_refusal, expected)
 from qubes_gpu_share.grant.open import (BadDeviceSpec, DeviceSpec,
                                         open_grant_device, parse_spec)
 from qubes_gpu_share.grant.sim import SimGrantDevice, SimulatorLimit
@@ -33,7 +34,11 @@ _domids = itertools.count(1)
 KINDS = {
     "qubes-default": (DomainKind(), DomainKind()),
     "receive-fixed": (DomainKind(), DomainKind(receive_fix=True)),
-    "pv-dom0-consumer": (DomainKind(), DomainKind(VirtMode.PV)),
+    "pv-dom0-consumer": (DomainKind(), DOM0_KIND),
+    "dom0-provider": (DOM0_KIND, DomainKind(VirtMode.PV)),
+    # DMA addresses are not machine addresses there: no IMP_TO_REFS
+    "pv-domu-provider": (DomainKind(VirtMode.PV),
+                         DomainKind(receive_fix=True)),
     "stock-debian": (DomainKind(dmabuf_ioctls=False),
                      DomainKind(dmabuf_ioctls=False)),
 }
@@ -120,12 +125,43 @@ def test_simulator_follows_the_expected_table(domains, kind):
 
 def test_measured_defaults():
     kind = DomainKind()
-    assert (kind.virt_mode, kind.dmabuf_ioctls, kind.receive_fix) == (
-        VirtMode.PVH, True, False)
+    assert (kind.virt_mode, kind.dmabuf_ioctls, kind.receive_fix,
+            kind.xen_swiotlb) == (VirtMode.PVH, True, False, False)
     assert expected(kind).receive_dmabuf.error is errors.DmabufReceiveRefused
     assert expected(DomainKind(dmabuf_ioctls=False)).grant_dmabuf.error \
         is errors.DmabufNotSupported
     assert DEFAULT_GRANT_ENTRIES == 64 * 512
+
+
+@pytest.mark.parametrize("kind, refusal", [
+    (DomainKind(VirtMode.PV), GRANT_REFUSED_PV_DMA),  # a plain PV domU
+    (DOM0_KIND, None),
+    (DomainKind(VirtMode.PV, xen_swiotlb=True), None),  # with PCI devices
+    (DomainKind(VirtMode.HVM), None),
+])
+def test_pv_grants_dmabufs_only_through_swiotlb_xen(kind, refusal):
+    assert expected(kind).grant_dmabuf is refusal
+    assert dmabuf_grant_refusal(kind.virt_mode, kind.xen_swiotlb) is refusal
+
+
+def test_missing_ioctls_are_said_before_the_pv_reason():
+    kind = DomainKind(VirtMode.PV, dmabuf_ioctls=False)
+    assert expected(kind).grant_dmabuf is NO_DMABUF_IOCTLS
+
+
+def test_grant_refusals_are_one_line_not_grantable():
+    for refusal in (GRANT_REFUSED_PV_DMA,):
+        assert refusal.error is errors.NotGrantable
+        assert "\n" not in refusal.reason
+    assert "swiotlb-xen" in GRANT_REFUSED_PV_DMA.reason
+    assert "gntalloc" in GRANT_REFUSED_PV_DMA.reason
+
+
+def test_swiotlb_xen_is_a_pv_trait():
+    assert DOM0_KIND.xen_swiotlb and DOM0_KIND.virt_mode is VirtMode.PV
+    for mode in (VirtMode.PVH, VirtMode.HVM):
+        with pytest.raises(ValueError, match="PV"):
+            DomainKind(mode, xen_swiotlb=True)
 
 
 # -- grant table and maptrack sizes -----------------------------------------
@@ -289,6 +325,36 @@ def test_a_domain_keeps_its_traits(domains, hv):
     device = domains()
     with pytest.raises(sim_proto.ProtocolError):
         SimGrantDevice(hv, device.domid, DomainKind(VirtMode.PV))
+    pv = domains(DomainKind(VirtMode.PV))
+    with pytest.raises(sim_proto.ProtocolError):
+        SimGrantDevice(hv, pv.domid, DOM0_KIND)
+
+
+def test_a_pv_domain_says_if_it_has_swiotlb_xen(domains):
+    plain, dom0 = domains(DomainKind(VirtMode.PV)), domains(DOM0_KIND)
+    fd = _memfd(1)
+    try:
+        with pytest.raises(errors.NotGrantable) as refused:
+            plain.grant_dmabuf(fd, 1, dom0.domid)
+        assert str(refused.value) == GRANT_REFUSED_PV_DMA.reason
+        assert plain.stats().table_used == 0
+        dom0.grant_dmabuf(fd, 1, plain.domid).revoke()
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("kind", list(all_kinds()), ids=str)
+def test_hello_carries_every_trait(kind):
+    payload = sim_proto.encode_hello(5, kind, 100, 200)
+    assert sim_proto.decode_hello(payload) == (5, kind, 100, 200)
+
+
+@pytest.mark.parametrize("virt, flags", [(3, (1, 0, 0)), (0, (2, 0, 0)),
+                                         (1, (1, 0, 1)), (2, (1, 1, 1))])
+def test_hello_refuses_what_no_kind_is(virt, flags):
+    payload = sim_proto.HELLO.pack(5, virt, *flags, 0, 0)
+    with pytest.raises(sim_proto.ProtocolError):
+        sim_proto.decode_hello(payload)
 
 
 def test_no_hypervisor_is_no_grant_device(tmp_path):
@@ -331,16 +397,24 @@ def test_oversized_frames_are_refused():
      DeviceSpec("/a:b.sock", 5, DomainKind(VirtMode.PV, False))),
     ("sim:/x:7:hvm,fix", DeviceSpec("/x", 7, DomainKind(VirtMode.HVM,
                                                          True, True))),
+    ("sim:/x:0:pv,swiotlb", DeviceSpec("/x", 0, DOM0_KIND)),
+    ("sim:/x:0:swiotlb,pv", DeviceSpec("/x", 0, DOM0_KIND)),
 ])
 def test_device_spec(text, spec):
     assert parse_spec(text) == spec
 
 
 @pytest.mark.parametrize("text", ["sim", "sim:/x", "sim::5", "gntdev",
-                                  "sim:/x:5:arm", "sim:/x:32752"])
+                                  "sim:/x:5:arm", "sim:/x:32752",
+                                  "sim:/x:5:swiotlb", "sim:/x:5:hvm,swiotlb"])
 def test_bad_device_spec(text):
     with pytest.raises(BadDeviceSpec):
         parse_spec(text)
+
+
+def test_unknown_trait_lists_the_known_ones():
+    with pytest.raises(BadDeviceSpec, match="nodmabuf, fix, swiotlb"):
+        parse_spec("sim:/x:5:iommu")
 
 
 def test_open_chooses_the_simulator(hv, monkeypatch):
@@ -360,5 +434,9 @@ def test_open_real_without_xen_says_so(monkeypatch):
 
 def test_kinds_are_all_distinct():
     kinds = list(all_kinds())
-    assert len(kinds) == len(set(kinds)) == 12
+    # 3 virt modes x ioctls x fix, and swiotlb-xen only for PV
+    assert len(kinds) == len(set(kinds)) == 16
     assert dataclasses.replace(DomainKind(), receive_fix=True) in kinds
+    assert DOM0_KIND in kinds
+    assert {kind.virt_mode for kind in kinds if kind.xen_swiotlb} == {
+        VirtMode.PV}

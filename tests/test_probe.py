@@ -248,28 +248,44 @@ def sim_socket(tmp_path_factory):
         yield path
 
 
-@pytest.mark.parametrize("domid, traits, receive, ioctls", [
-    (7, {}, ["cpu"], "yes"),
+@pytest.mark.parametrize("domid, traits, receive, ioctls, source", [
+    (7, "pvh", ["cpu"], "yes", "grantable"),
     # PVH: the probe does not map its own grant, so the fix stays untested
-    (8, {"receive_fix": True}, ["cpu"], "yes"),
-    (9, {"dmabuf_ioctls": False}, ["cpu"], "no"),
-    (10, {"virt_mode": "pv", "receive_fix": True}, ["cpu"], "yes"),
+    (8, "pvh,fix", ["cpu"], "yes", "grantable"),
+    (9, "pvh,nodmabuf", ["cpu"], "no", "not-grantable"),
+    (10, "pv,fix", ["cpu"], "yes", "not-grantable"),  # PV domU: see below
+    (11, "pv,swiotlb", ["cpu"], "yes", "grantable"),  # dom0's kind
 ])
 def test_probe_against_the_simulator(sim_socket, domid, traits, receive,
-                                     ioctls):
+                                     ioctls, source):
     """Each simulated domain (one domid per kind: the simulator keeps a
     domain's traits) grants a page to itself and, in PV, receives it."""
-    from qubes_gpu_share.grant.expected import DomainKind, VirtMode
-    from qubes_gpu_share.grant.sim import SimGrantDevice
-    kind = DomainKind(**{**traits, "virt_mode": VirtMode(
-        traits.get("virt_mode", "pvh"))})
-    domain = probe.Domain("xen", kind.virt_mode.value.upper(), domid,
-                          "x86_64")
-    with SimGrantDevice(sim_socket, domid, kind) as device:
-        report = probe.probe(device, domain, [MemfdAllocator()])
+    report = _probe_simulated(sim_socket, domid, traits)
     assert report.receive_modes == receive
     assert report.check("dmabuf-ioctls").status.value == ioctls
     assert report.check("provide-gntalloc").status is probe.Status.YES
-    assert report.sources[0].status is (
-        probe.SourceStatus.GRANTABLE if ioctls == "yes"
-        else probe.SourceStatus.NOT_GRANTABLE)
+    assert report.sources[0].status.value == source
+
+
+def test_pv_domu_without_swiotlb_xen_grants_no_dma_buf(sim_socket):
+    """IMP_TO_REFS would grant wrong frames there (it reads DMA addresses
+    as machine frames): every source is not-grantable, with that reason,
+    and the qube still provides gntalloc pages."""
+    from qubes_gpu_share.grant.expected import GRANT_REFUSED_PV_DMA
+    report = _probe_simulated(sim_socket, 12, "pv")
+    assert [(s.status, s.detail) for s in report.sources] == [
+        (probe.SourceStatus.NOT_GRANTABLE, GRANT_REFUSED_PV_DMA.reason)]
+    assert report.provide_modes == ["gntalloc"]
+    assert report.receive_modes == ["cpu"]
+    assert "swiotlb-xen" in probe.render_text(report)
+
+
+def _probe_simulated(socket_path: str, domid: int,
+                     traits: str) -> probe.Report:
+    from qubes_gpu_share.grant.open import parse_traits
+    from qubes_gpu_share.grant.sim import SimGrantDevice
+    kind = parse_traits(traits)
+    domain = probe.Domain("xen", kind.virt_mode.value.upper(), domid,
+                          "x86_64")
+    with SimGrantDevice(socket_path, domid, kind) as device:
+        return probe.probe(device, domain, [MemfdAllocator()])

@@ -4,8 +4,16 @@ The simulator takes its behaviour from here, and the Xen lab asserts the same
 table against real Xen, so the two cannot drift apart silently. The defaults
 are what ../shared/XEN-LAB.md measured on x86 (Xen 4.17, Linux 6.1):
 
-* granting a dma-buf (IMP_TO_REFS) needs only the DMABUF ioctls
-  (CONFIG_XEN_GNTDEV_DMABUF); without them every DMABUF ioctl is ENOTTY;
+* granting a dma-buf (IMP_TO_REFS) needs the DMABUF ioctls
+  (CONFIG_XEN_GNTDEV_DMABUF; without them every DMABUF ioctl is ENOTTY)
+  and DMA addresses that are machine addresses: dmabuf_imp_to_refs() reads
+  each DMA address of the dma-buf as a machine frame (``bfn_to_pfn``). That
+  holds in PVH/HVM and in a PV kernel whose DMA ops are swiotlb-xen (dom0; a
+  PV domU only with PCI devices). In a PV domU without it the refs name wrong
+  frames: the lab saw the ioctl succeed and Xen refuse every ref at map time
+  (GNTST_bad_page), and a wrong frame that is the domain's own would grant
+  another page of its memory silently. The kernel does not refuse, so the
+  project does (:func:`dmabuf_grant_refusal`);
 * receiving one (EXP_FROM_REFS) is EINVAL in a PV domain (the kernel refuses
   before asking Xen, ``use_ptemod``) and in a PVH/HVM domain whose kernel
   requests ``GNTMAP_device_map`` (added for all of CONFIG_X86 in
@@ -22,7 +30,8 @@ import enum
 import itertools
 from collections.abc import Iterator
 
-from .errors import DmabufNotSupported, DmabufReceiveRefused, GrantError
+from .errors import (DmabufNotSupported, DmabufReceiveRefused, GrantError,
+                     NotGrantable)
 
 #: Xen's default max_grant_frames, and v1 entries per 4 KiB frame.
 XEN_DEFAULT_GRANT_FRAMES = 64
@@ -58,10 +67,22 @@ class DomainKind:
     dmabuf_ioctls: bool = True
     #: kernel requests GNTMAP_device_map only for PV (not upstream yet)
     receive_fix: bool = False
+    #: PV only: the kernel's DMA addresses are machine addresses because its
+    #: DMA ops are swiotlb-xen: dom0, or a PV domU with PCI devices (pcifront
+    #: switches to it) or booted with iommu=soft / swiotlb=force. PVH/HVM
+    #: need no such thing (their bus frames are their own frames).
+    xen_swiotlb: bool = False
+
+    def __post_init__(self) -> None:
+        if self.xen_swiotlb and self.virt_mode != VirtMode.PV:
+            raise ValueError(
+                f"xen_swiotlb describes a PV kernel, not "
+                f"{VirtMode(self.virt_mode).value}: PVH/HVM DMA addresses "
+                f"are always usable by IMP_TO_REFS")
 
 
-#: dom0 in Qubes (always PV) with a Qubes kernel.
-DOM0_KIND = DomainKind(virt_mode=VirtMode.PV)
+#: dom0 in Qubes (always PV, DMA through swiotlb-xen) with a Qubes kernel.
+DOM0_KIND = DomainKind(virt_mode=VirtMode.PV, xen_swiotlb=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +119,25 @@ RECEIVE_REFUSED_DEVICE_MAP = Refusal(
     "EXP_FROM_REFS: this x86 kernel requests GNTMAP_device_map, which Xen "
     "refuses for PVH/HVM domains; receive in cpu mode, or use a kernel that "
     "requests the device map only for PV")
+GRANT_REFUSED_PV_DMA = Refusal(
+    NotGrantable,
+    "PV domain without swiotlb-xen: gntdev's IMP_TO_REFS would grant wrong "
+    "frames (it reads DMA addresses as machine frames); grant gntalloc "
+    "pages instead (cpu mode)")
+
+
+def dmabuf_grant_refusal(virt_mode: VirtMode | None,
+                         xen_swiotlb: bool) -> Refusal | None:
+    """Why this domain must not call IMP_TO_REFS at all, or None.
+
+    The one statement of the rule: the table (:func:`expected`) and the
+    real device (gntdev.py, from this domain's facts) both ask it, because
+    the kernel grants wrong frames here instead of refusing. ``virt_mode``
+    None (not in Xen) is no reason to refuse.
+    """
+    if virt_mode == VirtMode.PV and not xen_swiotlb:
+        return GRANT_REFUSED_PV_DMA
+    return None
 
 
 def expected(kind: DomainKind) -> Expected:
@@ -111,11 +151,15 @@ def expected(kind: DomainKind) -> Expected:
         receive = RECEIVE_REFUSED_DEVICE_MAP
     else:
         receive = None
-    return Expected(grant_dmabuf=None, receive_dmabuf=receive)
+    return Expected(
+        grant_dmabuf=dmabuf_grant_refusal(kind.virt_mode, kind.xen_swiotlb),
+        receive_dmabuf=receive)
 
 
 def all_kinds() -> Iterator[DomainKind]:
-    """Every combination the table distinguishes (for tests and the lab)."""
+    """Every combination the table distinguishes (for tests and the lab);
+    swiotlb-xen only where it means something (PV)."""
     for mode, ioctls, fix in itertools.product(
             VirtMode, (True, False), (False, True)):
-        yield DomainKind(mode, ioctls, fix)
+        for swiotlb in ((False, True) if mode is VirtMode.PV else (False,)):
+            yield DomainKind(mode, ioctls, fix, swiotlb)

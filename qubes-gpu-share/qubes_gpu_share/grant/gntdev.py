@@ -14,21 +14,28 @@ to the open file:
 
 Each constructor undoes what it opened when a later step fails (ExitStack),
 so no fd leaks on an error path.
+
+A grant the kernel makes without complaint is refused here first
+(expected.py): any IMP_TO_REFS in a PV domain without swiotlb-xen (the refs
+would name wrong frames).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import os
 from collections.abc import Sequence
 
 from .. import native
 from ..formats import PAGE_SIZE
+from . import this_domain
 from .device import (
     AllocatedGrant, CpuView, Grant, GrantDevice, ImportedDmabuf, Mapping,
     check_page_count)
-from .errors import AlreadyReleased, MapRefused
+from .errors import AlreadyReleased, DmabufNotSupported, MapRefused
+from .expected import NO_DMABUF_IOCTLS, Refusal, dmabuf_grant_refusal
 
 
 def _close(fd: int) -> int:
@@ -183,16 +190,59 @@ def _check_refs(gntdev_fd: int, domid: int, refs: tuple[int, ...]) -> None:
             f"another domain")
 
 
+def _dmabuf_ioctls_present() -> bool:
+    """Whether this kernel has the DMABUF ioctls, asked without granting:
+    IMP_RELEASE of an fd a fresh gntdev never imported finds nothing
+    (ENOENT) and changes nothing; without the ioctls it is ENOTTY."""
+    gntdev_fd = native.open_gntdev()
+    try:
+        native.imp_release(gntdev_fd, gntdev_fd)
+    except DmabufNotSupported:
+        return False
+    except AlreadyReleased:
+        pass
+    finally:
+        os.close(gntdev_fd)
+    return True
+
+
 class GntdevDevice(GrantDevice):
     """This domain's grant device. Opening it checks that it exists
-    (NoGrantDevice otherwise); each operation opens its own fd."""
+    (NoGrantDevice otherwise); each operation opens its own fd.
 
-    def __init__(self) -> None:
+    ``sys_root`` and ``proc_root`` are where this domain's facts are read
+    (:mod:`.this_domain`; tests give a tmp tree), by default the module's
+    SYS_ROOT and PROC_ROOT at the time of opening.
+    """
+
+    def __init__(self, sys_root: str | None = None,
+                 proc_root: str | None = None) -> None:
         os.close(native.open_gntdev())
+        self._sys_root = sys_root or this_domain.SYS_ROOT
+        self._proc_root = proc_root or this_domain.PROC_ROOT
+
+    @functools.cached_property
+    def _domain_refusal(self) -> Refusal | None:
+        """Why no IMP_TO_REFS may be made in this domain, or None; read on
+        the first grant, once. A kernel without the DMABUF ioctls says so
+        rather than the PV reason, as the table does."""
+        refusal = dmabuf_grant_refusal(
+            this_domain.virt_mode(self._sys_root),
+            this_domain.xen_swiotlb(self._sys_root, self._proc_root))
+        if refusal is not None and not _dmabuf_ioctls_present():
+            return NO_DMABUF_IOCTLS
+        return refusal
+
+    def _check_grantable(self) -> None:
+        """Refuse what IMP_TO_REFS would turn into refs Xen cannot honour."""
+        refusal = self._domain_refusal
+        if refusal is not None:
+            raise refusal.exception()
 
     def grant_dmabuf(self, dmabuf_fd: int, pages: int,
                      to_domid: int) -> DmabufGrant:
         check_page_count(pages)
+        self._check_grantable()
         with contextlib.ExitStack() as undo:
             own_dmabuf = os.dup(dmabuf_fd)
             undo.callback(os.close, own_dmabuf)

@@ -9,8 +9,10 @@ system):
   then, so the simulator works where the native module is not built);
 * ``sim:SOCKET:DOMID[:TRAITS]`` -- the simulated hypervisor on SOCKET, as
   domain DOMID; TRAITS is a comma list of ``pv``/``pvh``/``hvm``,
-  ``nodmabuf`` (kernel without CONFIG_XEN_GNTDEV_DMABUF) and ``fix`` (dma-buf
-  receive fix present); what is not said comes from expected.DomainKind.
+  ``nodmabuf`` (kernel without CONFIG_XEN_GNTDEV_DMABUF), ``fix`` (dma-buf
+  receive fix present) and ``swiotlb`` (PV only: DMA through swiotlb-xen, as
+  in dom0 or a PV domU with PCI devices); what is not said comes from
+  expected.DomainKind.
 """
 
 from __future__ import annotations
@@ -61,20 +63,31 @@ def parse_spec(text: str) -> DeviceSpec:
     return DeviceSpec(":".join(parts), domid, kind)
 
 
+#: Trait words besides the virt modes: the DomainKind field each sets, and
+#: to what.
+TRAITS = {"nodmabuf": ("dmabuf_ioctls", False),
+          "fix": ("receive_fix", True),
+          "swiotlb": ("xen_swiotlb", True)}
+
+
 def parse_traits(text: str) -> DomainKind:
-    """A DomainKind from a comma list such as ``pv,nodmabuf``."""
-    kind = DomainKind()
+    """A DomainKind from a comma list such as ``pv,nodmabuf`` (in any
+    order: ``swiotlb,pv`` is a PV kind)."""
+    fields: dict[str, object] = {}
     for word in text.split(","):
         if word in {mode.value for mode in VirtMode}:
-            kind = dataclasses.replace(kind, virt_mode=VirtMode(word))
-        elif word == "nodmabuf":
-            kind = dataclasses.replace(kind, dmabuf_ioctls=False)
-        elif word == "fix":
-            kind = dataclasses.replace(kind, receive_fix=True)
+            fields["virt_mode"] = VirtMode(word)
+        elif word in TRAITS:
+            name, value = TRAITS[word]
+            fields[name] = value
         else:
-            raise BadDeviceSpec(f"{ENV}: unknown trait {word!r} (known: "
-                                f"pv, pvh, hvm, nodmabuf, fix)")
-    return kind
+            raise BadDeviceSpec(
+                f"{ENV}: unknown trait {word!r} (known: "
+                f"{', '.join([*(m.value for m in VirtMode), *TRAITS])})")
+    try:
+        return DomainKind(**fields)
+    except ValueError as exc:
+        raise BadDeviceSpec(f"{ENV}: traits {text!r}: {exc}") from None
 
 
 def open_grant_device(spec: str | DeviceSpec | None = None) -> GrantDevice:

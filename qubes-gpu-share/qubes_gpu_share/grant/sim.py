@@ -28,15 +28,13 @@ from . import errors
 from .device import (AllocatedGrant, CpuView, Grant, GrantDevice,
                      ImportedDmabuf, Mapping, check_page_count)
 from .expected import DomainKind
-from .sim_proto import (ANCILLARY_SIZE, EXPORT, GRANT, HELLO, ID, MAP,
-                        MAPPED, STATS, STATS_REPLY, STATUS_OK, WAIT,
-                        FrameReader, Op, ProtocolError, SimulatorLimit,
-                        decode_error, decode_runs, encode_refs, expand_runs,
+from .sim_proto import (ANCILLARY_SIZE, EXPORT, GRANT, ID, MAP, MAPPED,
+                        STATS, STATS_REPLY, STATUS_OK, WAIT, FrameReader, Op,
+                        ProtocolError, SimulatorLimit, decode_error,
+                        decode_runs, encode_hello, encode_refs, expand_runs,
                         frame, rights, split_fixed, u32_array)
 
 __all__ = ["SimGrantDevice", "SimStats", "SimulatorLimit", "hypervisor"]
-
-_VIRT_CODES = {"pv": 0, "pvh": 1, "hvm": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +62,8 @@ class SimGrantDevice(GrantDevice):
             socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.connect(socket_path)
-            self._call(Op.HELLO, HELLO.pack(
-                domid, _VIRT_CODES[kind.virt_mode.value], kind.dmabuf_ioctls,
-                kind.receive_fix, table_entries, maptrack_entries))
+            self._call(Op.HELLO, encode_hello(domid, kind, table_entries,
+                                              maptrack_entries))
         except OSError as exc:
             self.close()
             raise errors.NoGrantDevice(

@@ -32,16 +32,14 @@ from ..names import DOMID_FIRST_RESERVED
 from . import errors
 from .device import check_page_count
 from .expected import (DEFAULT_GRANT_ENTRIES, DEFAULT_MAPTRACK_ENTRIES,
-                       RESERVED_GRANT_REFS, DomainKind, VirtMode, expected)
-from .sim_proto import (ANCILLARY_SIZE, EXPORT, GRANT, HELLO, ID, MAP,
-                        MAPPED, STATS, STATS_REPLY, STATUS_ERROR, STATUS_OK,
-                        WAIT, FrameReader, Op, ProtocolError, decode_runs,
-                        encode_error, encode_runs, frame, rights,
+                       RESERVED_GRANT_REFS, expected)
+from .sim_proto import (ANCILLARY_SIZE, EXPORT, GRANT, ID, MAP, MAPPED,
+                        STATS, STATS_REPLY, STATUS_ERROR, STATUS_OK, WAIT,
+                        FrameReader, Op, ProtocolError, decode_hello,
+                        decode_runs, encode_error, encode_runs, frame, rights,
                         split_fixed)
 from .sim_tables import (Backing, Domain, Grant, Mapped, end_grant,
                          memfd_pages, resolve_mapping, unmap)
-
-_VIRT_MODES = tuple(VirtMode)
 
 
 @dataclasses.dataclass
@@ -162,18 +160,15 @@ class Hypervisor:
 
     def _hello(self, conn: Connection, payload: bytes,
                fds: list[int]) -> Reply:
-        (domid, virt, ioctls, fix, table, maptrack), _ = split_fixed(
-            payload, HELLO)
+        domid, kind, table, maptrack = decode_hello(payload)
         if conn.domain is not None:
             raise ProtocolError("HELLO twice")
-        if domid >= DOMID_FIRST_RESERVED or virt >= len(_VIRT_MODES) or max(
-                ioctls, fix) > 1:
-            raise ProtocolError("invalid domain description")
+        if domid >= DOMID_FIRST_RESERVED:
+            raise ProtocolError(f"domain id {domid} is reserved by Xen")
         table = table or self.table_entries
         maptrack = maptrack or self.maptrack_entries
         if table <= RESERVED_GRANT_REFS:
             raise ProtocolError(f"grant table of {table} entries")
-        kind = DomainKind(_VIRT_MODES[virt], bool(ioctls), bool(fix))
         domain = self.domains.get(domid)
         if domain is None:
             domain = self.domains[domid] = Domain(domid, kind, table,

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 
 from ..formats import MAX_LEASE_PAGES
 from . import errors
+from .expected import DomainKind, VirtMode
 
 HEADER = struct.Struct("<IB")
 #: Large enough for the worst case: 65,535 refs that form no run at all.
@@ -30,7 +31,7 @@ _ONE = struct.Struct("<I")
 
 
 class Op(enum.IntEnum):
-    HELLO = 1         # <HBBBII domid virt ioctls fix table maptrack
+    HELLO = 1         # <HBBBBII domid virt ioctls fix swiotlb table maptrack
     GRANT_DMABUF = 2  # <IH pages to_domid, fd            -> <I id + runs
     GRANT_NEW = 3     # <IH pages to_domid                -> <I id + runs, fd
     REVOKE = 4        # <I grant id
@@ -45,7 +46,7 @@ class Op(enum.IntEnum):
 STATUS_OK = 0
 STATUS_ERROR = 1
 
-HELLO = struct.Struct("<HBBBII")
+HELLO = struct.Struct("<HBBBBII")
 GRANT = struct.Struct("<IH")
 MAP = struct.Struct("<HB")
 EXPORT = struct.Struct("<H")
@@ -86,6 +87,36 @@ def parse_header(untrusted_header: bytes) -> tuple[int, int]:
     if length > MAX_PAYLOAD:
         raise ProtocolError(f"frame announces {length} bytes")
     return length, code
+
+
+_VIRT_MODES = tuple(VirtMode)
+
+
+def encode_hello(domid: int, kind: DomainKind, table_entries: int,
+                 maptrack_entries: int) -> bytes:
+    """A device's domain and its kernel's traits (0 entries: the
+    hypervisor's default size)."""
+    return HELLO.pack(domid, _VIRT_MODES.index(VirtMode(kind.virt_mode)),
+                      kind.dmabuf_ioctls, kind.receive_fix, kind.xen_swiotlb,
+                      table_entries, maptrack_entries)
+
+
+def decode_hello(untrusted_payload: bytes
+                 ) -> tuple[int, DomainKind, int, int]:
+    """(domid, kind, table entries, maptrack entries); ProtocolError for
+    anything :func:`encode_hello` does not make (the domid's bound is the
+    hypervisor's to check)."""
+    (domid, virt, *flags, table, maptrack), _ = split_fixed(
+        untrusted_payload, HELLO)
+    if virt >= len(_VIRT_MODES) or max(flags) > 1:
+        raise ProtocolError("invalid domain description")
+    ioctls, fix, swiotlb = map(bool, flags)
+    try:
+        kind = DomainKind(_VIRT_MODES[virt], dmabuf_ioctls=ioctls,
+                          receive_fix=fix, xen_swiotlb=swiotlb)
+    except ValueError as exc:
+        raise ProtocolError(f"invalid domain description: {exc}") from None
+    return domid, kind, table, maptrack
 
 
 def encode_refs(refs: Iterable[int]) -> bytes:

@@ -1,0 +1,72 @@
+"""Facts about this domain, read from Linux.
+
+What decides whether IMP_TO_REFS may be called here and cannot be learnt by
+calling it, because the kernel answers with refs either way (expected.py):
+
+* the virt mode, from /sys/hypervisor/guest_type;
+* whether a PV kernel's DMA ops are swiotlb-xen (its DMA addresses are then
+  machine addresses, which is what gntdev-dmabuf reads them as). Linux picks
+  swiotlb-xen in the initial domain (xen_swiotlb_detect) and, in a PV domU,
+  when pcifront finds PCI devices (pci_xen_swiotlb_init_late). A domU booted
+  with iommu=soft or swiotlb=force has it too without PCI devices; it is
+  not visible from userspace, so such a domU is refused like the others
+  (the safe side: it keeps gntalloc pages).
+
+Every path is under a root given as a parameter, so tests use a tmp tree.
+Every read is bounded; what cannot be read is "not known", never an error.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .expected import VirtMode
+
+SYS_ROOT = "/sys"
+PROC_ROOT = "/proc"
+#: far more than the few short lines any of these files holds
+_READ_LIMIT = 4096
+
+
+def _read(path: str, limit: int = _READ_LIMIT) -> bytes | None:
+    """At most ``limit`` bytes of a sysfs/procfs file, None if unreadable."""
+    try:
+        with open(path, "rb", buffering=0) as source:
+            return source.read(limit)
+    except OSError:
+        return None
+
+
+def virt_mode(sys_root: str = SYS_ROOT) -> VirtMode | None:
+    """This domain's virt mode, None outside Xen (or an unknown word)."""
+    data = _read(f"{sys_root}/hypervisor/guest_type", 16)
+    word = data.strip().lower().decode("ascii", "replace") if data else ""
+    try:
+        return VirtMode(word)
+    except ValueError:
+        return None
+
+
+def is_dom0(proc_root: str = PROC_ROOT) -> bool:
+    """The control domain: ``control_d`` in /proc/xen/capabilities."""
+    data = _read(f"{proc_root}/xen/capabilities", 256)
+    return data is not None and b"control_d" in data
+
+
+def has_pci_devices(sys_root: str = SYS_ROOT) -> bool:
+    """Any device under /sys/bus/pci/devices (in a PV domU: from pcifront,
+    which switched the kernel's DMA ops to swiotlb-xen)."""
+    try:
+        with os.scandir(f"{sys_root}/bus/pci/devices") as entries:
+            return any(True for _ in entries)
+    except OSError:
+        return False
+
+
+def xen_swiotlb(sys_root: str = SYS_ROOT,
+                proc_root: str = PROC_ROOT) -> bool:
+    """DomainKind.xen_swiotlb of this domain: a PV kernel whose DMA
+    addresses are machine addresses (dom0, or a domU with PCI devices)."""
+    return virt_mode(sys_root) is VirtMode.PV and (
+        is_dom0(proc_root) or has_pci_devices(sys_root))
+
