@@ -286,6 +286,23 @@ def test_regranted_export_stays_pinned_until_revoked(domains):
         imported.release(1000)
 
 
+def test_received_pages_shows_what_crossed(domains):
+    provider, consumer = domains(), domains(DomainKind(receive_fix=True))
+    with provider.grant_new_pages(2, consumer.domid) as grant:
+        with grant.view().mmap() as pages:
+            pages[PAGE_SIZE:PAGE_SIZE + 8] = b"original"
+        imported = consumer.import_dmabuf(provider.domid, grant.refs)
+        with consumer.received_pages(imported.fd) as seen:
+            assert len(seen) == 2 * PAGE_SIZE
+            assert seen[PAGE_SIZE:PAGE_SIZE + 8] == b"original"
+            with pytest.raises(TypeError):  # read-only
+                seen[0:1] = b"x"
+        with pytest.raises(errors.GrantError, match="not a dma-buf"), \
+                provider.received_pages(imported.fd):
+            pass  # another domain's import
+        imported.release(1000)
+
+
 def test_hypervisor_holds_no_fds_after_everything_ends(domains):
     provider, consumer = domains(), domains(DomainKind(receive_fix=True))
     baseline = provider.stats().hypervisor_fds

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import mmap
 import os
 import socket
 import subprocess
@@ -29,10 +30,10 @@ from .device import (AllocatedGrant, CpuView, Grant, GrantDevice,
                      ImportedDmabuf, Mapping, check_page_count)
 from .expected import DomainKind
 from .sim_proto import (ANCILLARY_SIZE, EXPORT, GRANT, ID, MAP, MAPPED,
-                        STATS, STATS_REPLY, STATUS_OK, WAIT, FrameReader, Op,
-                        ProtocolError, SimulatorLimit, decode_error,
-                        decode_runs, encode_hello, encode_refs, expand_runs,
-                        frame, rights, split_fixed, u32_array)
+                        PEEKED, STATS, STATS_REPLY, STATUS_OK, WAIT,
+                        FrameReader, Op, ProtocolError, SimulatorLimit,
+                        decode_error, decode_runs, encode_hello, encode_refs,
+                        expand_runs, frame, rights, split_fixed, u32_array)
 
 __all__ = ["SimGrantDevice", "SimStats", "SimulatorLimit", "hypervisor"]
 
@@ -132,6 +133,21 @@ class SimGrantDevice(GrantDevice):
         payload, _ = self._call(Op.STATS, STATS.pack(
             self.domid if domid is None else domid))
         return SimStats(*STATS_REPLY.unpack(payload))
+
+    @contextlib.contextmanager
+    def received_pages(self, dmabuf_fd: int) -> Iterator[mmap.mmap]:
+        """The pages behind a dma-buf this domain received (import_dmabuf),
+        mapped read-only: what a GPU driver importing it would read. Real
+        Xen has no such view (the dma-buf has no mmap and cannot be granted
+        on); tests and the demo use it to check the bytes that crossed."""
+        payload, fd = self._call(Op.PEEK, fd=dmabuf_fd, want_fd=True)
+        try:
+            pages, offset = PEEKED.unpack(payload)
+            view = CpuView(fd, offset, pages * PAGE_SIZE).mmap(writable=False)
+        finally:
+            os.close(fd)
+        with view:
+            yield view
 
     @property
     def closed(self) -> bool:

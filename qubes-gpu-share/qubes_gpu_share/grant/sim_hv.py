@@ -34,8 +34,8 @@ from .device import check_page_count
 from .expected import (DEFAULT_GRANT_ENTRIES, DEFAULT_MAPTRACK_ENTRIES,
                        RESERVED_GRANT_REFS, expected)
 from .sim_proto import (ANCILLARY_SIZE, EXPORT, GRANT, ID, MAP, MAPPED,
-                        STATS, STATS_REPLY, STATUS_ERROR, STATUS_OK, WAIT,
-                        FrameReader, Op, ProtocolError, decode_hello,
+                        PEEKED, STATS, STATS_REPLY, STATUS_ERROR, STATUS_OK,
+                        WAIT, FrameReader, Op, ProtocolError, decode_hello,
                         decode_runs, encode_error, encode_runs, frame, rights,
                         split_fixed)
 from .sim_tables import (Backing, Domain, Grant, Mapped, end_grant,
@@ -86,7 +86,8 @@ class Hypervisor:
             Op.GRANT_NEW: self._grant_new, Op.REVOKE: self._revoke,
             Op.MAP: self._map, Op.UNMAP: self._unmap,
             Op.EXPORT: self._export, Op.WAIT: self._wait,
-            Op.HAZARDS: self._hazards, Op.STATS: self._stats}
+            Op.HAZARDS: self._hazards, Op.STATS: self._stats,
+            Op.PEEK: self._peek}
 
     # -- I/O --------------------------------------------------------------
 
@@ -258,9 +259,7 @@ class Hypervisor:
         reply = MAPPED.pack(mapped.mid, mapped.first_page * PAGE_SIZE)
         if writable:
             return Reply(reply, mapped.backing.fd)
-        readonly = os.open(f"/proc/self/fd/{mapped.backing.fd}",
-                           os.O_RDONLY | os.O_CLOEXEC)
-        return Reply(reply, readonly, close_fd=True)
+        return _read_only(reply, mapped)
 
     def _unmap(self, conn: Connection, payload: bytes,
                fds: list[int]) -> Reply:
@@ -320,6 +319,21 @@ class Hypervisor:
                 f"{timeout_ms} ms") from None
         return Reply()
 
+    def _peek(self, conn: Connection, payload: bytes,
+              fds: list[int]) -> Reply:
+        """Simulator only: the pages behind one of this domain's exports,
+        read-only (what a GPU driver importing the dma-buf would read)."""
+        if len(fds) != 1:
+            raise ProtocolError("PEEK needs one fd")
+        st = os.fstat(fds[0])
+        export = self._export_inodes.get((st.st_dev, st.st_ino))
+        if export is None or export.mapped.domain is not conn.domain:
+            raise errors.GrantError(
+                "not a dma-buf this domain received from the simulator")
+        mapped = export.mapped
+        return _read_only(PEEKED.pack(mapped.pages,
+                                      mapped.first_page * PAGE_SIZE), mapped)
+
     def _hazards(self, conn: Connection, payload: bytes,
                  fds: list[int]) -> Reply:
         return Reply("\n".join(self.hazards).encode()[-60000:])
@@ -334,6 +348,14 @@ class Hypervisor:
             domain.table.used, domain.table.size - RESERVED_GRANT_REFS,
             domain.mapped_pages, len(self._exports),
             len(os.listdir("/proc/self/fd")), len(self.hazards)))
+
+
+def _read_only(payload: bytes, mapped: Mapped) -> Reply:
+    """A reply carrying a read-only reopening of the mapped memory: mapping
+    it writable fails, as for a read-only gntdev fd."""
+    readonly = os.open(f"/proc/self/fd/{mapped.backing.fd}",
+                       os.O_RDONLY | os.O_CLOEXEC)
+    return Reply(payload, readonly, close_fd=True)
 
 
 async def _recv_frame(sock: socket.socket

@@ -41,6 +41,7 @@ class Op(enum.IntEnum):
     WAIT = 8          # <II export id, timeout_ms
     HAZARDS = 9       #                                   -> utf-8 lines
     STATS = 10        # <H domid                          -> <6I
+    PEEK = 11         # fd of an export (test aid)  -> <IQ pages offset, fd
 
 
 STATUS_OK = 0
@@ -53,6 +54,7 @@ EXPORT = struct.Struct("<H")
 WAIT = struct.Struct("<II")
 STATS = struct.Struct("<H")
 MAPPED = struct.Struct("<IQ")
+PEEKED = struct.Struct("<IQ")
 STATS_REPLY = struct.Struct("<6I")
 ID = _ONE
 
