@@ -24,7 +24,7 @@ STEP_TIMEOUT = 150
 #: steps it runs (domu.py), seconds it may live. A PVH domU's kernel has been seen to oops after
 #: grant mappings (lab/README.md), so the PVH steps get a fresh domU each:
 #: one kernel's failure cannot hide another step's result.
-DOMUS = (("pv", "pv", "stock,upstream,fixed", "cross,self,probe,contract,sanity", 300),
+DOMUS = (("pv", "pv", "stock,upstream,fixed", "cross,self,probe,contract,sanity", 360),
          ("pvh", "pvh", "stock,upstream,fixed", "cross,sanity", 240),
          ("pvh-self", "pvh", "stock", "self,sanity", 180),
          ("pvh-probe", "pvh", "upstream", "probe,sanity", 180))
