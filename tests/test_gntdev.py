@@ -21,9 +21,9 @@ from qubes_gpu_share import native
 from qubes_gpu_share._native import ffi, lib
 from qubes_gpu_share.grant import errors, this_domain
 from qubes_gpu_share.grant.expected import (GRANT_REFUSED_PV_DMA,
-                                            NO_DMABUF_IOCTLS)
-from qubes_gpu_share.grant.gntdev import GntdevDevice
-from test_this_domain import fake_domain
+                                            NO_DMABUF_IOCTLS, RECEIVED_DMABUF)
+from qubes_gpu_share.grant.gntdev import GNTDEV_EXPORTER, GntdevDevice
+from test_this_domain import GNTDEV_FDINFO, fake_domain
 
 HAVE_XEN = os.path.exists(native.GNTDEV_PATH)
 xen = pytest.mark.xen
@@ -354,6 +354,26 @@ def test_domains_with_machine_dma_addresses_grant(
     device = GntdevDevice(*fake_domain(tmp_path, guest_type, capabilities,
                                        pci))
     grant_devnull(device)
+    assert fake.calls == [IMP_TO_REFS, IMP_RELEASE]
+
+
+def test_received_dmabuf_is_not_granted_on(fake_devices, tmp_path,
+                                           no_fd_leak):
+    """gntdev's own export (EXP_FROM_REFS) is grant mappings: Xen would
+    refuse every ref of it; recognised by exp_name in fdinfo."""
+    fake = fake_devices(lambda request, arg: 0)
+    sys_root, proc_root = fake_domain(tmp_path, "PVH")
+    device = GntdevDevice(sys_root, proc_root)
+    fdinfo = tmp_path / "proc/self/fdinfo"
+    with open(os.devnull, "rb") as dmabuf:
+        (fdinfo / str(dmabuf.fileno())).write_bytes(GNTDEV_FDINFO)
+        with pytest.raises(errors.NotGrantable) as refused:
+            device.grant_dmabuf(dmabuf.fileno(), 2, 9)
+        assert str(refused.value) == RECEIVED_DMABUF.reason
+        assert fake.calls == []
+        (fdinfo / str(dmabuf.fileno())).write_bytes(
+            GNTDEV_FDINFO.replace(GNTDEV_EXPORTER.encode(), b"udmabuf"))
+        device.grant_dmabuf(dmabuf.fileno(), 2, 9).revoke()
     assert fake.calls == [IMP_TO_REFS, IMP_RELEASE]
 
 

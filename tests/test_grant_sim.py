@@ -21,7 +21,7 @@ from qubes_gpu_share.grant import errors
 from qubes_gpu_share.grant import sim_proto
 from qubes_gpu_share.grant.expected import (
     DEFAULT_GRANT_ENTRIES, DOM0_KIND, GRANT_REFUSED_PV_DMA, NO_DMABUF_IOCTLS,
-    RESERVED_GRANT_REFS, DomainKind, VirtMode, all_kinds,
+    RECEIVED_DMABUF, RESERVED_GRANT_REFS, DomainKind, VirtMode, all_kinds,
     dmabuf_grant_refusal, expected)
 from qubes_gpu_share.grant.open import (BadDeviceSpec, DeviceSpec,
                                         open_grant_device, parse_spec)
@@ -150,11 +150,12 @@ def test_missing_ioctls_are_said_before_the_pv_reason():
 
 
 def test_grant_refusals_are_one_line_not_grantable():
-    for refusal in (GRANT_REFUSED_PV_DMA,):
+    for refusal in (GRANT_REFUSED_PV_DMA, RECEIVED_DMABUF):
         assert refusal.error is errors.NotGrantable
         assert "\n" not in refusal.reason
     assert "swiotlb-xen" in GRANT_REFUSED_PV_DMA.reason
     assert "gntalloc" in GRANT_REFUSED_PV_DMA.reason
+    assert "EXP_FROM_REFS" in RECEIVED_DMABUF.reason
 
 
 def test_swiotlb_xen_is_a_pv_trait():
@@ -275,15 +276,20 @@ def test_killed_consumer_loses_its_mappings(domains, hazards, hv):
     assert hazards() == 0
 
 
-def test_regranted_export_stays_pinned_until_revoked(domains):
+def test_received_dmabuf_is_refused_and_pins_nothing(domains):
+    """Xen grants only a domain's own RAM: granting an import on is
+    refused before any ref is taken, and the import is not held."""
     provider, consumer = domains(), domains(DomainKind(receive_fix=True))
     with provider.grant_new_pages(1, consumer.domid) as grant:
         imported = consumer.import_dmabuf(provider.domid, grant.refs)
-        back = consumer.grant_dmabuf(imported.fd, 1, provider.domid)
-        with pytest.raises(errors.ReleaseTimeout):
-            imported.release(50)  # IMP_TO_REFS holds the dma-buf
-        back.revoke()
-        imported.release(1000)
+        baseline = consumer.stats().hypervisor_fds
+        for to_domid in (provider.domid, consumer.domid):
+            with pytest.raises(errors.NotGrantable,
+                               match="cannot be granted on"):
+                consumer.grant_dmabuf(imported.fd, 1, to_domid)
+        assert consumer.stats().table_used == 0
+        assert consumer.stats().hypervisor_fds == baseline
+        imported.release(1000)  # nothing pins it: released on our close
 
 
 def test_received_pages_shows_what_crossed(domains):
@@ -320,7 +326,7 @@ def test_hypervisor_holds_no_fds_after_everything_ends(domains):
 
 # -- what the simulator refuses on its own terms ---------------------------
 
-def test_only_memfds_and_exports_are_dmabufs(domains):
+def test_only_memfds_are_dmabufs(domains):
     provider, consumer = domains(), domains()
     readable, writable = os.pipe()
     try:

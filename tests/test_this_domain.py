@@ -1,7 +1,9 @@
-"""Reading this domain's facts (grant/this_domain.py) from a tmp tree."""
+"""Reading this domain's facts (grant/this_domain.py) from a tmp tree, and
+the fdinfo parser that recognises a dma-buf gntdev exported."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
@@ -75,3 +77,45 @@ def test_dom0_is_control_d(tmp_path):
     (tmp_path / "proc/xen/capabilities").write_text("")
     assert not this_domain.is_dom0(proc_root)
 
+
+# --- the exporter of a dma-buf ----------------------------------------------
+
+#: /proc/self/fdinfo/N of a dma-buf as Linux 6.1 prints it
+#: (generic lines, then dma_buf_show_fdinfo)
+GNTDEV_FDINFO = (b"pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t2051\n"
+                 b"size:\t8192\ncount:\t1\nexp_name:\txen_gntdev\n")
+
+
+@pytest.mark.parametrize("text, name", [
+    (GNTDEV_FDINFO, "xen_gntdev"),
+    (GNTDEV_FDINFO.replace(b"xen_gntdev", b"udmabuf"), "udmabuf"),
+    (GNTDEV_FDINFO + b"name:\tframe\n", "xen_gntdev"),
+    # the buffer's name is its user's: a forged line after the real one
+    (GNTDEV_FDINFO.replace(b"xen_gntdev", b"udmabuf")
+     + b"name:\tx\nexp_name:\txen_gntdev\n", "udmabuf"),
+    # a memfd or any other file: no exp_name
+    (b"pos:\t0\nflags:\t0100002\nmnt_id:\t15\nino:\t7\n", None),
+    (b"", None),
+    # only whole lines count
+    (b"pos:\t0\nexp_name:\txen_gntdev", None),
+    (b"exp_name: xen_gntdev\n", None),
+    (b"xexp_name:\txen_gntdev\n", None),
+    (b"exp_name:\t\n", ""),
+])
+def test_parse_exp_name(text, name):
+    assert this_domain.parse_exp_name(text) == name
+
+
+def test_exporter_read_from_fdinfo(tmp_path):
+    _, proc_root = fake_domain(tmp_path)
+    (tmp_path / "proc/self/fdinfo/7").write_bytes(GNTDEV_FDINFO)
+    assert this_domain.dmabuf_exporter(7, proc_root) == "xen_gntdev"
+    assert this_domain.dmabuf_exporter(8, proc_root) is None
+
+
+def test_a_memfd_has_no_exporter():
+    fd = os.memfd_create("not-a-dmabuf", os.MFD_CLOEXEC)
+    try:
+        assert this_domain.dmabuf_exporter(fd) is None
+    finally:
+        os.close(fd)

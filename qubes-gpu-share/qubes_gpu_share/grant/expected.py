@@ -14,6 +14,9 @@ are what ../shared/XEN-LAB.md measured on x86 (Xen 4.17, Linux 6.1):
   (GNTST_bad_page), and a wrong frame that is the domain's own would grant
   another page of its memory silently. The kernel does not refuse, so the
   project does (:func:`dmabuf_grant_refusal`);
+* a dma-buf received from another domain (EXP_FROM_REFS) cannot be granted
+  on: its pages are grant mappings, and Xen grants only a domain's own RAM
+  (the lab: IMP_TO_REFS gave refs, Xen refused each at map time);
 * receiving one (EXP_FROM_REFS) is EINVAL in a PV domain (the kernel refuses
   before asking Xen, ``use_ptemod``) and in a PVH/HVM domain whose kernel
   requests ``GNTMAP_device_map`` (added for all of CONFIG_X86 in
@@ -124,6 +127,11 @@ GRANT_REFUSED_PV_DMA = Refusal(
     "PV domain without swiotlb-xen: gntdev's IMP_TO_REFS would grant wrong "
     "frames (it reads DMA addresses as machine frames); grant gntalloc "
     "pages instead (cpu mode)")
+RECEIVED_DMABUF = Refusal(
+    NotGrantable,
+    "a dma-buf received from another domain (EXP_FROM_REFS) cannot be "
+    "granted on: its pages are grant mappings, and Xen grants only a "
+    "domain's own RAM")
 
 
 def dmabuf_grant_refusal(virt_mode: VirtMode | None,

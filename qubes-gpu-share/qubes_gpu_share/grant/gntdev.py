@@ -15,9 +15,10 @@ to the open file:
 Each constructor undoes what it opened when a later step fails (ExitStack),
 so no fd leaks on an error path.
 
-A grant the kernel makes without complaint is refused here first
+Two grants the kernel makes without complaint are refused here first
 (expected.py): any IMP_TO_REFS in a PV domain without swiotlb-xen (the refs
-would name wrong frames).
+would name wrong frames), and IMP_TO_REFS of a dma-buf gntdev exported from
+foreign refs (Xen refuses every such ref when the peer maps it).
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ from .device import (
     AllocatedGrant, CpuView, Grant, GrantDevice, ImportedDmabuf, Mapping,
     check_page_count)
 from .errors import AlreadyReleased, DmabufNotSupported, MapRefused
-from .expected import NO_DMABUF_IOCTLS, Refusal, dmabuf_grant_refusal
+from .expected import (NO_DMABUF_IOCTLS, RECEIVED_DMABUF, Refusal,
+                       dmabuf_grant_refusal)
+
+#: exp_name of the dma-bufs EXP_FROM_REFS makes: KBUILD_MODNAME of
+#: drivers/xen/gntdev-dmabuf.c, part of the xen-gntdev module.
+GNTDEV_EXPORTER = "xen_gntdev"
 
 
 def _close(fd: int) -> int:
@@ -233,16 +239,19 @@ class GntdevDevice(GrantDevice):
             return NO_DMABUF_IOCTLS
         return refusal
 
-    def _check_grantable(self) -> None:
+    def _check_grantable(self, dmabuf_fd: int) -> None:
         """Refuse what IMP_TO_REFS would turn into refs Xen cannot honour."""
         refusal = self._domain_refusal
+        if refusal is None and this_domain.dmabuf_exporter(
+                dmabuf_fd, self._proc_root) == GNTDEV_EXPORTER:
+            refusal = RECEIVED_DMABUF
         if refusal is not None:
             raise refusal.exception()
 
     def grant_dmabuf(self, dmabuf_fd: int, pages: int,
                      to_domid: int) -> DmabufGrant:
         check_page_count(pages)
-        self._check_grantable()
+        self._check_grantable(dmabuf_fd)
         with contextlib.ExitStack() as undo:
             own_dmabuf = os.dup(dmabuf_fd)
             undo.callback(os.close, own_dmabuf)

@@ -6,9 +6,10 @@ hypervisor (sim_hv.py, a separate process: ``python -m
 qubes_gpu_share.grant.sim serve SOCKET``) owns every grant table and enforces
 the rules of expected.py. One request, one reply per operation.
 
-In the simulation a dma-buf is a memfd of exactly the granted size (or a
-dma-buf this simulator exported); a mapping is a view on the provider's own
-memfd, so a write on one side is read on the other, without a copy.
+In the simulation a dma-buf to grant is a memfd of exactly the granted
+size (one this simulator exported is refused, as Xen refuses to grant a
+received dma-buf on); a mapping is a view on the provider's own memfd, so a
+write on one side is read on the other, without a copy.
 """
 
 from __future__ import annotations

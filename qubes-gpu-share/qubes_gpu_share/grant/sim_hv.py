@@ -10,8 +10,8 @@ the very same pages.
 A simulated EXP_FROM_REFS hands out one end of a socketpair: like the real
 exported dma-buf it cannot be mmapped, and when every copy of it is closed
 the hypervisor reads EOF on the other end, which is "the last user let go"
-for EXP_WAIT_RELEASED. Re-granting that fd is recognised by its inode, so a
-test can prove the dma-buf holds the granted pages.
+for EXP_WAIT_RELEASED. Granting that fd on is recognised by its inode and
+refused, as Xen refuses to grant pages that are grant mappings.
 
 Closing a connection is closing /dev/xen/gntdev: the process's mappings go,
 its grants end (a hazard if a peer still maps them).
@@ -24,7 +24,6 @@ import dataclasses
 import itertools
 import os
 import socket
-import stat
 from collections.abc import Awaitable, Callable
 
 from ..formats import PAGE_SIZE
@@ -32,7 +31,7 @@ from ..names import DOMID_FIRST_RESERVED
 from . import errors
 from .device import check_page_count
 from .expected import (DEFAULT_GRANT_ENTRIES, DEFAULT_MAPTRACK_ENTRIES,
-                       RESERVED_GRANT_REFS, expected)
+                       RECEIVED_DMABUF, RESERVED_GRANT_REFS, expected)
 from .sim_proto import (ANCILLARY_SIZE, EXPORT, GRANT, ID, MAP, MAPPED,
                         PEEKED, STATS, STATS_REPLY, STATUS_ERROR, STATUS_OK,
                         WAIT, FrameReader, Op, ProtocolError, decode_hello,
@@ -189,33 +188,22 @@ class Hypervisor:
         check_page_count(pages)
         if len(fds) != 1:
             raise ProtocolError("GRANT_DMABUF needs one fd")
-        export = self._export_of(fds[0])
-        if export is None:
-            memfd_pages(fds[0], pages)
-            backing, first = Backing(fds[0]), 0
-        elif export.mapped.pages != pages:
-            raise errors.NotGrantable(
-                f"dma-buf has {export.mapped.pages} pages, not {pages}")
-        else:
-            backing, first = export.mapped.backing, export.mapped.first_page
-        grant = Grant(next(self._ids), conn.domain, to_domid, backing, first,
-                      pages, "dma-buf")
+        if self._export_of(fds[0]) is not None:
+            raise RECEIVED_DMABUF.exception()
+        memfd_pages(fds[0], pages)  # any other fd is refused
+        grant = Grant(next(self._ids), conn.domain, to_domid,
+                      Backing(fds[0]), 0, pages, "dma-buf")
         grant.runs = conn.domain.table.allocate(grant)
-        fd = fds.pop()
-        backing.hold()
-        if export is not None:
-            grant.pin_fd = fd
+        fds.pop()  # kept by the grant (the attachment IMP_TO_REFS makes)
+        grant.backing.hold()
         conn.grants[grant.gid] = grant
         return Reply(ID.pack(grant.gid) + encode_runs(grant.runs))
 
     def _export_of(self, fd: int) -> Export | None:
+        """The dma-buf this hypervisor exported (EXP_FROM_REFS) that ``fd``
+        is a copy of, if it is one."""
         st = os.fstat(fd)
-        if not stat.S_ISSOCK(st.st_mode):
-            return None
-        export = self._export_inodes.get((st.st_dev, st.st_ino))
-        if export is None:
-            raise errors.NotGrantable("not a dma-buf")
-        return export
+        return self._export_inodes.get((st.st_dev, st.st_ino))
 
     def _grant_new(self, conn: Connection, payload: bytes,
                    fds: list[int]) -> Reply:
@@ -325,8 +313,7 @@ class Hypervisor:
         read-only (what a GPU driver importing the dma-buf would read)."""
         if len(fds) != 1:
             raise ProtocolError("PEEK needs one fd")
-        st = os.fstat(fds[0])
-        export = self._export_inodes.get((st.st_dev, st.st_ino))
+        export = self._export_of(fds[0])
         if export is None or export.mapped.domain is not conn.domain:
             raise errors.GrantError(
                 "not a dma-buf this domain received from the simulator")

@@ -56,8 +56,6 @@ class Grant:
     first_page: int
     pages: int
     what: str
-    #: the fd IMP_TO_REFS keeps attached (an exported dma-buf stays pinned)
-    pin_fd: int = -1
     runs: Runs = dataclasses.field(default_factory=list)
     ended: bool = False
     #: mappings and exports that use some of its pages
@@ -217,9 +215,6 @@ def end_grant(grant: Grant) -> str | None:
     if grant.ended:
         raise errors.AlreadyReleased(f"grant {grant.gid} was already revoked")
     grant.ended = True
-    if grant.pin_fd >= 0:
-        os.close(grant.pin_fd)
-        grant.pin_fd = -1
     if grant.users == 0:
         _free_grant(grant)
         return None
@@ -240,8 +235,7 @@ def memfd_pages(fd: int, pages: int) -> None:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise errors.NotGrantable(
-            "not a dma-buf (the simulator grants memfds and its own "
-            "exported dma-bufs)")
+            "not a dma-buf (the simulator takes memfds as dma-bufs)")
     if st.st_size != pages * PAGE_SIZE:
         raise errors.NotGrantable(
             f"dma-buf has {st.st_size} bytes, not {pages} pages "

@@ -1,4 +1,4 @@
-"""Facts about this domain, read from Linux.
+"""Facts about this domain and its dma-bufs, read from Linux.
 
 What decides whether IMP_TO_REFS may be called here and cannot be learnt by
 calling it, because the kernel answers with refs either way (expected.py):
@@ -10,7 +10,9 @@ calling it, because the kernel answers with refs either way (expected.py):
   when pcifront finds PCI devices (pci_xen_swiotlb_init_late). A domU booted
   with iommu=soft or swiotlb=force has it too without PCI devices; it is
   not visible from userspace, so such a domU is refused like the others
-  (the safe side: it keeps gntalloc pages).
+  (the safe side: it keeps gntalloc pages);
+* who exported a dma-buf, from /proc/self/fdinfo (a dma-buf gntdev made
+  from foreign refs cannot be granted on).
 
 Every path is under a root given as a parameter, so tests use a tmp tree.
 Every read is bounded; what cannot be read is "not known", never an error.
@@ -70,3 +72,24 @@ def xen_swiotlb(sys_root: str = SYS_ROOT,
     return virt_mode(sys_root) is VirtMode.PV and (
         is_dom0(proc_root) or has_pci_devices(sys_root))
 
+
+def parse_exp_name(fdinfo: bytes) -> str | None:
+    """The ``exp_name`` of a dma-buf's fdinfo text, None if there is none.
+
+    Linux's dma_buf_show_fdinfo prints ``exp_name:\\t<exporter>`` after the
+    generic lines and before ``name:``, which the buffer's user may set to
+    anything, newlines included: so only the first ``exp_name`` line counts,
+    and only a complete (newline-terminated) one.
+    """
+    for line in fdinfo.split(b"\n")[:-1]:
+        key, tab, value = line.partition(b":\t")
+        if tab and key == b"exp_name":
+            return value.decode("ascii", "replace")
+    return None
+
+
+def dmabuf_exporter(fd: int, proc_root: str = PROC_ROOT) -> str | None:
+    """Who exported the dma-buf behind ``fd`` (e.g. ``udmabuf``,
+    ``xen_gntdev``), None for other files or when unreadable."""
+    data = _read(f"{proc_root}/self/fdinfo/{fd}")
+    return None if data is None else parse_exp_name(data)
