@@ -103,8 +103,8 @@ class Demo:
             self.check(buffer.mode == "dmabuf",
                        f"media got a dma-buf (mode {buffer.mode.value})")
             self.draw(gpu, buffer.lease, seed=2)
-            self.say("   a dma-buf has no mmap; media re-grants it to itself "
-                     "as a GPU driver import would, and reads the pages")
+            self.say("   a dma-buf has no mmap; the simulator shows media the "
+                     "pages behind it, as a GPU driver import would read them")
             expected = pattern_bytes(self.meta, 2)
             where = self.system.check_dmabuf("media", buffer.fd,
                                              self.meta.pages, expected)
