@@ -62,6 +62,14 @@ def test_bad_qube_descriptions_are_refused(qube):
         SimQube(**qube)
 
 
+def test_grant_traits_say_what_the_kernel_is():
+    from qubes_gpu_share.grant.open import parse_traits
+    assert SimQube("dom0", 0, "pv").grant_traits() == "pv,swiotlb"
+    assert parse_traits(SimQube("dom0", 0, "pv").grant_traits()).xen_swiotlb
+    assert not parse_traits(QUBES[2].grant_traits()).xen_swiotlb  # PV domU
+    assert SimQube("w", 3, kernel=("fix",)).grant_traits() == "pvh,fix"
+
+
 def test_duplicate_domain_ids_are_refused(tmp_path):
     with pytest.raises(ValueError, match="domain ids"):
         build(tmp_path, [SimQube("a", 2), SimQube("b", 2)], POLICY)

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 from ..alloc import (Allocator, DmaHeapAllocator, MemfdAllocator,
                      UdmabufAllocator)
+from ..grant import this_domain
+from ..grant.expected import dmabuf_grant_refusal
 from ..grant.open import open_grant_device
 from ..qrexec.call import ClientVmCaller
 from .appserver import AppServer, PeerPolicy
@@ -70,9 +72,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def choose_allocator(name: str, simulated: bool) -> Allocator | None:
-    """The buffer source; None means gntalloc pages (no dma-buf source)."""
-    if simulated or name == "memfd":
+def choose_allocator(name: str, simulated: bool,
+                     sys_root: str = this_domain.SYS_ROOT,
+                     proc_root: str = this_domain.PROC_ROOT
+                     ) -> Allocator | None:
+    """The buffer source; None means gntalloc pages (no dma-buf source).
+
+    Where this kernel would grant a dma-buf's wrong frames (a PV domU,
+    expected.dmabuf_grant_refusal) every dma-buf source is passed over,
+    whatever was asked for: gntalloc pages still work there."""
+    if simulated:
+        return MemfdAllocator()
+    refusal = dmabuf_grant_refusal(this_domain.virt_mode(sys_root),
+                                   this_domain.xen_swiotlb(sys_root,
+                                                           proc_root))
+    if refusal is not None:
+        if name != "gntalloc":
+            log.warning("allocator %s not used, granting gntalloc pages: %s",
+                        name, refusal.reason)
+        return None
+    if name == "memfd":
         return MemfdAllocator()
     candidates: list[Allocator] = {
         "udmabuf": [UdmabufAllocator()],

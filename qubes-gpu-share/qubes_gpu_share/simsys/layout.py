@@ -41,7 +41,7 @@ DOM0_SERVICES = ("qubes.GpuLease", "qubes.GpuOffer", "qubes.GpuRelease",
 #: Services an agent serves in a qube (the repo's qubes-rpc/vm/).
 QUBE_SERVICES = ("qubes.GpuExport", "qubes.GpuDeliver", "qubes.GpuRevoke")
 #: Kernel traits the grant simulator knows (grant/open.py parse_traits).
-KERNEL_TRAITS = ("nodmabuf", "fix")
+KERNEL_TRAITS = ("nodmabuf", "fix", "swiotlb")
 
 _MAX_MODEL = 1 << 20
 
@@ -52,7 +52,8 @@ class SimQube:
 
     ``services`` are qvm-service names (``gpu-share``, ``gpu-share-provider``);
     ``kernel`` lists grant-simulator traits besides the virt mode
-    (``fix``: the dma-buf receive fix; ``nodmabuf``: no DMABUF ioctls).
+    (``fix``: the dma-buf receive fix; ``nodmabuf``: no DMABUF ioctls;
+    ``swiotlb``: a PV kernel with swiotlb-xen, which dom0 always has).
     ``agent`` False: the qube exists for Qubes but runs no agent.
     """
 
@@ -87,7 +88,10 @@ class SimQube:
 
     def grant_traits(self) -> str:
         """TRAITS of ``--grant sim:SOCKET:DOMID:TRAITS``."""
-        return ",".join((self.virt_mode, *self.kernel))
+        traits = (self.virt_mode, *self.kernel)
+        if self.xid == 0 and self.virt_mode == "pv" and "swiotlb" not in traits:
+            traits += ("swiotlb",)      # the initial domain always has it
+        return ",".join(traits)
 
     def model_entry(self, running: bool | None = None) -> dict:
         """This qube in qubes/memory.py's file format."""
