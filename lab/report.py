@@ -251,6 +251,7 @@ def main():
                       lambda m: f"{BEGIN}\n{md}\n{END}", text, flags=re.S)
         with open(README, "w") as f:
             f.write(text)
+    print(md)
     print(f"report: {verdict}: {len(results)} results, "
           f"{len(unexpected)} unexpected failures, {len(missing)} missing, "
           f"{len(findings)} known findings (lab/out/results.json)")
