@@ -88,6 +88,16 @@ def parse(log):
     return results, done
 
 
+def set_aside(results):
+    """(kept, discarded boots): every result of a domU boot dom0 discarded
+    (its kernel died under emulation and it was booted again) is set aside,
+    dom0's own results for it included; they stay in results.json."""
+    gone = {r["discarded"] for r in results
+            if r["test"] == "domu-boot-discarded"}
+    return ([r for r in results if r.get("attempt") not in gone],
+            [r for r in results if r["test"] == "domu-boot-discarded"])
+
+
 def known(r):
     for (dom, test, domu), why in KNOWN.items():
         if r["dom"] == dom and test in ("*", r["test"]) and \
@@ -116,7 +126,7 @@ def ms(results, dom, test, key="ms", **fields):
     return f"{rs[0][key]} ms" if rs and key in rs[0] else "–"
 
 
-def table(results, versions, boot):
+def table(results, versions, boot, discarded=()):
     cols = [(d, v) for d in ("pv", "pvh") for v in ("stock", "upstream", "fixed")]
     name = {"stock": "Debian stock", "upstream": "+DMABUF", "fixed": "+DMABUF+fix"}
     lines = ["| domU kernel's gntdev → | " + " | ".join(
@@ -203,6 +213,14 @@ def table(results, versions, boot):
             val = "unreadable output (bytes 0xff: pages with no memory behind them)"
         facts.append((label, str(val).replace("|", "/")[:160],
                       ms(results, dom, test, **fields)))
+    creates = find(results, "dom0", "domu-create") + [
+        r for r in discarded]
+    facts.append(("domU boots discarded and booted again (kernel died under "
+                   "emulation)", f"{len(discarded)} of {len(creates)}" + (
+                       ": " + "; ".join(f"{r['discarded']} "
+                                        f"{(r.get('oops') or ['no oops: triple fault or hang'])[0][:60]}"
+                                        for r in discarded)
+                       if discarded else ""), ""))
     lines += ["", "| what | result | time |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in facts]
     env = (find(results, "dom0", "env") or [{}])[0]
@@ -217,7 +235,8 @@ def table(results, versions, boot):
 
 
 def main():
-    results, done = parse(os.path.join(OUT, "serial.log"))
+    everything, done = parse(os.path.join(OUT, "serial.log"))
+    results, discarded = set_aside(everything)
     versions = {}
     for line in open(os.path.join(OUT, "packages.txt")):
         parts = line.split()
@@ -239,10 +258,10 @@ def main():
     record = {"verdict": verdict, "completed": done, "boot": boot_lines[:-1],
               "unexpected_failures": unexpected, "missing_required": missing,
               "known_findings": findings, "versions": versions,
-              "results": results}
+              "discarded_boots": discarded, "results": everything}
     with open(os.path.join(OUT, "results.json"), "w") as f:
         json.dump(record, f, indent=1, sort_keys=True)
-    md = table(results, versions, boot)
+    md = table(results, versions, boot, discarded)
     with open(os.path.join(OUT, "results.md"), "w") as f:
         f.write(md + "\n")
     if "--readme" in sys.argv:
@@ -252,7 +271,8 @@ def main():
         with open(README, "w") as f:
             f.write(text)
     print(md)
-    print(f"report: {verdict}: {len(results)} results, "
+    print(f"report: {verdict}: {len(results)} results "
+          f"({len(discarded)} domU boots discarded), "
           f"{len(unexpected)} unexpected failures, {len(missing)} missing, "
           f"{len(findings)} known findings (lab/out/results.json)")
     for u in unexpected:

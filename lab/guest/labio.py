@@ -18,11 +18,25 @@ import time
 DOM = os.environ.get("LAB_DOM", "dom0")
 
 
+#: fields every result line of this program carries for now (dom0 tags
+#: what it does for a domU with that domU's boot attempt)
+CONTEXT = {}
+
+
 def emit(test, ok, **data):
     """One result line; ``ok`` is True, False, or None (recorded, no verdict)."""
-    line = json.dumps({"dom": DOM, "test": test, "ok": ok, **data},
+    line = json.dumps({"dom": DOM, "test": test, "ok": ok, **CONTEXT, **data},
                       sort_keys=True, default=str)
     print("LAB-RESULT " + line, flush=True)
+
+
+def tagged(line, **fields):
+    """A relayed result line with fields added (unparsable: as it came)."""
+    try:
+        result = json.loads(line[len("LAB-RESULT "):])
+    except ValueError:
+        return line
+    return "LAB-RESULT " + json.dumps({**result, **fields}, sort_keys=True)
 
 
 def log(msg):
