@@ -23,11 +23,12 @@ STEP_TIMEOUT = 150
 #: the domUs, in order: name, xl type, gntdev builds to try in turn, the
 #: steps it runs (domu.py), seconds it may live. A PVH domU's kernel has been seen to oops after
 #: grant mappings (lab/README.md), so the PVH steps get a fresh domU each:
-#: one kernel's failure cannot hide another step's result.
+#: one kernel's failure cannot hide another step's result. pvh-self, whose
+#: kernel it corrupts, comes last.
 DOMUS = (("pv", "pv", "stock,upstream,fixed", "cross,self,probe,contract,sanity", 360),
          ("pvh", "pvh", "stock,upstream,fixed", "cross,sanity", 240),
-         ("pvh-self", "pvh", "stock", "self,sanity", 180),
-         ("pvh-probe", "pvh", "upstream", "probe,sanity", 180))
+         ("pvh-probe", "pvh", "upstream", "probe,sanity", 180),
+         ("pvh-self", "pvh", "stock", "self,sanity", 180))
 #: after a domU's kernel oopsed, give it this long to print the trace
 OOPS_GRACE = 15
 #: boots of a domU whose kernel died. Under emulation a PVH domU sometimes
