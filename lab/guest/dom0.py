@@ -283,7 +283,8 @@ def gntalloc_limit():
 def serve_domu(name, virt, gntdev, steps, lifetime, drm=(), attempt=1):
     """Start the domU, serve its steps, wait for its end. A domU whose
     kernel died (no LAB-EXIT: a triple fault, an oops) is booted again, up
-    to DOMU_BOOTS times, unless its crash is the finding (OOPS_EXPECTED);
+    to DOMU_BOOTS times, unless its crash is the finding (OOPS_EXPECTED,
+    once it has said anything);
     the results of a discarded boot stay in the log, tagged with it, and
     the report sets them aside."""
     t0 = time.monotonic()
@@ -309,7 +310,8 @@ def serve_domu(name, virt, gntdev, steps, lifetime, drm=(), attempt=1):
     finish_domu(name, t0, lifetime - (time.monotonic() - t0), relay)
     labio.ABORT = leases = None
     del labio.CONTEXT["attempt"]
-    if not relay.exited and name not in OOPS_EXPECTED and attempt < DOMU_BOOTS:
+    flaky = relay.results == 0 or name not in OOPS_EXPECTED
+    if not relay.exited and flaky and attempt < DOMU_BOOTS:
         emit("domu-boot-discarded", None, domu=name, discarded=tag,
              results=relay.results, oops=relay.oops[:6])
         return serve_domu(name, virt, gntdev, steps, lifetime, drm,
