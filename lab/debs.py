@@ -124,6 +124,19 @@ def candidates(pkgs):
     return found
 
 
+def ensure_package_lists():
+    """A fresh machine may have no package lists yet: as root, fetch them
+    once (a developer without root is told what to run)."""
+    probe = subprocess.run(["apt-cache", "policy", KERNEL_META], text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    if "Candidate:" in probe.stdout and "(none)" not in probe.stdout:
+        return
+    if os.geteuid() != 0:
+        sys.exit("debs: no package lists: run apt-get update")
+    print("debs: apt-get update", flush=True)
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+
+
 def deb_path(pkg, version):
     # apt-get download names files pkg_version_arch.deb, epoch ':' as %3a
     v = version.replace(":", "%3a")
@@ -137,6 +150,7 @@ def deb_path(pkg, version):
 def fetch():
     os.makedirs(CACHE, exist_ok=True)
     os.makedirs(OUT, exist_ok=True)
+    ensure_package_lists()
     kver, groups = resolve()
     vers = candidates(sorted({p for ps in groups.values() for p in ps}))
     manifest, missing = [], []
