@@ -21,7 +21,8 @@ from qubes_gpu_share import native
 from qubes_gpu_share._native import ffi, lib
 from qubes_gpu_share.grant import errors, this_domain
 from qubes_gpu_share.grant.expected import (GRANT_REFUSED_PV_DMA,
-                                            NO_DMABUF_IOCTLS, RECEIVED_DMABUF)
+                                            NO_DMABUF_IOCTLS, RECEIVED_DMABUF,
+                                            VirtMode)
 from qubes_gpu_share.grant.gntdev import GNTDEV_EXPORTER, GntdevDevice
 from test_this_domain import GNTDEV_FDINFO, fake_domain
 
@@ -250,33 +251,27 @@ def test_allocator_ioctls_keep_oserror_with_the_cause(fake_devices):
         native.drm_prime_handle_to_fd(0, 1)
 
 
-@pytest.mark.parametrize("guest, machine, words", [
-    ("PV", "x86_64", "this qube is PV"),
-    ("PVH", "x86_64", "device map Xen refuses"),
-    ("HVM", "x86_64", "device map Xen refuses"),
-    ("PVH", "aarch64", "not granted to this domain"),
+@pytest.mark.parametrize("mode, machine, words", [
+    (VirtMode.PV, "x86_64", "this qube is PV"),
+    (VirtMode.PVH, "x86_64", "this PVH x86 kernel requests the device map"),
+    (VirtMode.HVM, "x86_64", "this HVM x86 kernel requests the device map"),
+    (VirtMode.PVH, "aarch64", "not granted to this domain"),
     (None, "x86_64", "not granted to this domain"),
 ])
-def test_receive_refusal_names_the_case(guest, machine, words):
-    message = native.receive_refusal(guest, machine)
+def test_receive_refusal_names_the_case(mode, machine, words):
+    message = native.receive_refusal(mode, machine)
     assert words in message
     assert "'cpu' mode" in message
 
 
 def test_receive_refusal_reads_the_guest_type(fake_devices, monkeypatch,
                                               tmp_path):
-    (tmp_path / "guest_type").write_text("PV\n")
-    monkeypatch.setattr(native, "GUEST_TYPE_PATH",
-                        str(tmp_path / "guest_type"))
+    (tmp_path / "hypervisor").mkdir()
+    (tmp_path / "hypervisor" / "guest_type").write_text("PV\n")
     fake_devices(fail_with(errno.EINVAL))
+    monkeypatch.setattr(this_domain, "SYS_ROOT", str(tmp_path))
     with pytest.raises(errors.DmabufReceiveRefused, match="this qube is PV"):
         native.exp_from_refs(0, 1, [1])
-
-
-def test_guest_type_file(tmp_path):
-    (tmp_path / "gt").write_text("PVH\n")
-    assert native.guest_type(str(tmp_path / "gt")) == "PVH"
-    assert native.guest_type(str(tmp_path / "absent")) is None
 
 
 # --- real kernel answers through /dev/null: no fd leaks on error paths -----
@@ -440,9 +435,9 @@ def test_context_managers_close_mapping_and_gntalloc(fake_devices,
 # --- own domain id ----------------------------------------------------
 
 def test_dom0_is_recognised_from_capabilities(tmp_path):
-    caps = tmp_path / "capabilities"
-    caps.write_text("control_d\n")
-    assert native.own_domid(str(caps), run=None) == 0
+    (tmp_path / "xen").mkdir()
+    (tmp_path / "xen" / "capabilities").write_text("control_d\n")
+    assert native.own_domid(str(tmp_path), run=None) == 0
 
 
 @pytest.mark.parametrize("stdout, code, expect", [

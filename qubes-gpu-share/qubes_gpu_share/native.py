@@ -20,7 +20,9 @@ import subprocess
 from collections.abc import Callable, Sequence
 
 from ._native import ffi, lib
+from .grant import this_domain
 from .grant.device import check_page_count
+from .grant.expected import VirtMode
 from .names import DOMID_FIRST_RESERVED
 from .grant.errors import (
     AlreadyReleased, DmabufNotSupported, DmabufReceiveRefused, GrantError,
@@ -28,8 +30,6 @@ from .grant.errors import (
 
 GNTDEV_PATH = "/dev/xen/gntdev"
 GNTALLOC_PATH = "/dev/xen/gntalloc"
-GUEST_TYPE_PATH = "/sys/hypervisor/guest_type"
-XEN_CAPABILITIES_PATH = "/proc/xen/capabilities"
 
 #: Turns an errno into the exception to raise, or None for the default one.
 Explain = Callable[[int], "BaseException | None"]
@@ -136,32 +136,26 @@ def einval_exception(name: str, kind: str) -> GrantError:
             f"{name}: the dma-buf is not whole pages of system RAM, or its "
             f"size is not the page count (EINVAL); VRAM or PFNMAP buffers "
             f"cannot be granted: allocate in system memory")
+    mode = this_domain.virt_mode(this_domain.SYS_ROOT)
     return DmabufReceiveRefused(
-        f"{name}: {receive_refusal(guest_type(), platform.machine())}")
+        f"{name}: {receive_refusal(mode, platform.machine())}")
 
 
-def receive_refusal(guest: str | None, machine: str) -> str:
+def receive_refusal(mode: VirtMode | None, machine: str) -> str:
     """Why EXP_FROM_REFS said EINVAL here, as precisely as we can tell."""
     cpu_works = "; receive in 'cpu' mode (MAP_GRANT_REF + mmap), it works"
-    if guest == "PV":
+    if mode is VirtMode.PV:
         return ("this qube is PV: its kernel cannot make a dma-buf of "
                 "foreign grants (EINVAL)" + cpu_works)
-    if guest in ("PVH", "HVM") and machine in ("x86_64", "i686", "i386"):
+    if mode in (VirtMode.PVH, VirtMode.HVM) and machine in (
+            "x86_64", "i686", "i386"):
+        guest = mode.value.upper()
         return (f"this {guest} x86 kernel requests the device map Xen "
                 f"refuses for auto-translated guests (needs the "
                 f"gntdev-dmabuf fix), or a ref/domid is wrong or maptrack "
                 f"is exhausted (EINVAL)" + cpu_works)
     return ("a ref is not granted to this domain, the domid is wrong, or "
             "maptrack is exhausted (EINVAL)" + cpu_works)
-
-
-def guest_type(path: str | None = None) -> str | None:
-    """This domain's virtualisation mode (PV, PVH, HVM), None outside Xen."""
-    try:
-        with open(path or GUEST_TYPE_PATH, encoding="ascii") as source:
-            return source.read(16).strip() or None
-    except OSError:
-        return None
 
 
 # --- gntdev: granting a dma-buf (provider) ---------------------------------
@@ -402,7 +396,7 @@ def drm_prime_handle_to_fd(drm_fd: int, handle: int) -> int:
 
 # --- this domain's id --------------------------------------------------------
 
-def own_domid(capabilities_path: str = XEN_CAPABILITIES_PATH,
+def own_domid(proc_root: str | None = None,
               run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
               ) -> int:
     """This domain's id: 0 in dom0, else xenstore's relative key ``domid``.
@@ -412,12 +406,8 @@ def own_domid(capabilities_path: str = XEN_CAPABILITIES_PATH,
     (``xenstore-read domid``) is what libxenvchan, and so Qubes' qrexec and
     GUI agent, use, and it follows a save/restore. QubesDB has no domid key.
     """
-    try:
-        with open(capabilities_path, encoding="ascii") as source:
-            if "control_d" in source.read(256):
-                return 0
-    except OSError:
-        pass
+    if this_domain.is_dom0(proc_root or this_domain.PROC_ROOT):
+        return 0
     try:
         result = run(["xenstore-read", "domid"], capture_output=True,
                      text=True, timeout=10, check=False)
