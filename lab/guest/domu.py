@@ -54,22 +54,6 @@ def consume_cpu_leases(base):
     consumer.close()
 
 
-def raw_grant(dmabuf_fd, pages, to_domid):
-    """IMP_TO_REFS straight through the native helper, past the project's
-    own refusals: here the kernel's and Xen's behaviour is under test.
-    Released like any of the project's grants (DmabufGrant.revoke)."""
-    from qubes_gpu_share import native
-    from qubes_gpu_share.grant.gntdev import DmabufGrant
-    gntdev_fd, own = native.open_gntdev(), os.dup(dmabuf_fd)
-    try:
-        refs = native.imp_to_refs(gntdev_fd, own, pages, to_domid)
-    except Exception:
-        os.close(own)
-        os.close(gntdev_fd)
-        raise
-    return DmabufGrant(gntdev_fd, own, to_domid, refs)
-
-
 def grant_back(base, variant, dmabuf_fd=None):
     """Grant to dom0 with IMP_TO_REFS a udmabuf of ours holding the receive
     bytes (the control) and, when given, the dma-buf EXP_FROM_REFS made of
@@ -81,6 +65,8 @@ def grant_back(base, variant, dmabuf_fd=None):
     are grant mappings, Xen grants only a domain's own RAM)."""
     from qubes_gpu_share.alloc.udmabuf import UdmabufAllocator
     from qubes_gpu_share.grant.expected import expected
+    # past the project's own refusals: the kernel and Xen are under test
+    from qubes_gpu_share.grant.gntdev import imp_to_refs as raw_grant
     control = UdmabufAllocator().allocate(L.RECV_PAGES * 4096)
     m = control.mmap()
     m[:] = L.recv_bytes()
@@ -111,26 +97,18 @@ def grant_back(base, variant, dmabuf_fd=None):
              expected="map failed")
 
 
-def dmabuf_exp_name(fd):
-    """The dma-buf's exporter as Linux shows it in fdinfo (exp_name)."""
-    for line in open(f"/proc/self/fdinfo/{fd}"):
-        if line.startswith("exp_name:"):
-            return line.split(":", 1)[1].strip()
-    return None
-
-
 def dmabuf_received(imported, base, variant):
     """EXP_FROM_REFS gave a dma-buf: is it one, does it hold dom0's pages,
     does EXP_WAIT_RELEASED tell the truth; then the agent's dmabuf mode."""
     from qubes_gpu_share import native
-    from qubes_gpu_share.grant import errors
+    from qubes_gpu_share.grant import errors, this_domain
     from qubes_gpu_share.grant.gntdev import GntdevDevice
 
     device = GntdevDevice()
     fd = imported.fd
     link = os.readlink(f"/proc/self/fd/{fd}")
     emit("exp-from-refs-fd", link.startswith("/dmabuf") or "dmabuf" in link,
-         fd_target=link, exp_name=dmabuf_exp_name(fd))
+         fd_target=link, exp_name=this_domain.dmabuf_exporter(fd))
 
     # no mmap on it (the CPU path is MAP_GRANT_REF): recorded, not judged
     try:

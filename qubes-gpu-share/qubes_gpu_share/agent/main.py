@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from ..alloc import (Allocator, DmaHeapAllocator, MemfdAllocator,
                      UdmabufAllocator)
 from ..grant import this_domain
-from ..grant.expected import dmabuf_grant_refusal
 from ..grant.open import open_grant_device
 from ..qrexec.call import ClientVmCaller
 from .appserver import AppServer, PeerPolicy
@@ -83,9 +82,7 @@ def choose_allocator(name: str, simulated: bool,
     whatever was asked for: gntalloc pages still work there."""
     if simulated:
         return MemfdAllocator()
-    refusal = dmabuf_grant_refusal(this_domain.virt_mode(sys_root),
-                                   this_domain.xen_swiotlb(sys_root,
-                                                           proc_root))
+    refusal = this_domain.grant_refusal(sys_root, proc_root)
     if refusal is not None:
         if name != "gntalloc":
             log.warning("allocator %s not used, granting gntalloc pages: %s",

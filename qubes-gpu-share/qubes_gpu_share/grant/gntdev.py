@@ -36,8 +36,7 @@ from .device import (
     AllocatedGrant, CpuView, Grant, GrantDevice, ImportedDmabuf, Mapping,
     check_page_count)
 from .errors import AlreadyReleased, DmabufNotSupported, MapRefused
-from .expected import (NO_DMABUF_IOCTLS, RECEIVED_DMABUF, Refusal,
-                       dmabuf_grant_refusal)
+from .expected import NO_DMABUF_IOCTLS, RECEIVED_DMABUF, Refusal
 
 #: exp_name of the dma-bufs EXP_FROM_REFS makes: KBUILD_MODNAME of
 #: drivers/xen/gntdev-dmabuf.c, part of the xen-gntdev module.
@@ -212,6 +211,20 @@ def _dmabuf_ioctls_present() -> bool:
     return True
 
 
+def imp_to_refs(dmabuf_fd: int, pages: int, to_domid: int) -> DmabufGrant:
+    """The kernel's IMP_TO_REFS on its own gntdev fd, with none of the
+    project's refusals before it: :meth:`GntdevDevice.grant_dmabuf` checks
+    first; the Xen lab calls this to show what the kernel and Xen do."""
+    with contextlib.ExitStack() as undo:
+        own_dmabuf = os.dup(dmabuf_fd)
+        undo.callback(os.close, own_dmabuf)
+        gntdev_fd = native.open_gntdev()
+        undo.callback(os.close, gntdev_fd)
+        refs = native.imp_to_refs(gntdev_fd, own_dmabuf, pages, to_domid)
+        undo.pop_all()
+    return DmabufGrant(gntdev_fd, own_dmabuf, to_domid, refs)
+
+
 class GntdevDevice(GrantDevice):
     """This domain's grant device. Opening it checks that it exists
     (NoGrantDevice otherwise); each operation opens its own fd.
@@ -232,9 +245,7 @@ class GntdevDevice(GrantDevice):
         """Why no IMP_TO_REFS may be made in this domain, or None; read on
         the first grant, once. A kernel without the DMABUF ioctls says so
         rather than the PV reason, as the table does."""
-        refusal = dmabuf_grant_refusal(
-            this_domain.virt_mode(self._sys_root),
-            this_domain.xen_swiotlb(self._sys_root, self._proc_root))
+        refusal = this_domain.grant_refusal(self._sys_root, self._proc_root)
         if refusal is not None and not _dmabuf_ioctls_present():
             return NO_DMABUF_IOCTLS
         return refusal
@@ -252,14 +263,7 @@ class GntdevDevice(GrantDevice):
                      to_domid: int) -> DmabufGrant:
         check_page_count(pages)
         self._check_grantable(dmabuf_fd)
-        with contextlib.ExitStack() as undo:
-            own_dmabuf = os.dup(dmabuf_fd)
-            undo.callback(os.close, own_dmabuf)
-            gntdev_fd = native.open_gntdev()
-            undo.callback(os.close, gntdev_fd)
-            refs = native.imp_to_refs(gntdev_fd, own_dmabuf, pages, to_domid)
-            undo.pop_all()
-        return DmabufGrant(gntdev_fd, own_dmabuf, to_domid, refs)
+        return imp_to_refs(dmabuf_fd, pages, to_domid)
 
     def grant_new_pages(self, pages: int, to_domid: int) -> GntallocGrant:
         check_page_count(pages)

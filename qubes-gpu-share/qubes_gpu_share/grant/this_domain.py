@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-from .expected import VirtMode
+from .expected import Refusal, VirtMode, dmabuf_grant_refusal
 
 SYS_ROOT = "/sys"
 PROC_ROOT = "/proc"
@@ -71,6 +71,14 @@ def xen_swiotlb(sys_root: str = SYS_ROOT,
     addresses are machine addresses (dom0, or a domU with PCI devices)."""
     return virt_mode(sys_root) is VirtMode.PV and (
         is_dom0(proc_root) or has_pci_devices(sys_root))
+
+
+def grant_refusal(sys_root: str = SYS_ROOT,
+                  proc_root: str = PROC_ROOT) -> Refusal | None:
+    """expected.dmabuf_grant_refusal for this domain, from its facts: why
+    no IMP_TO_REFS may be made here, or None."""
+    return dmabuf_grant_refusal(virt_mode(sys_root),
+                                xen_swiotlb(sys_root, proc_root))
 
 
 def parse_exp_name(fdinfo: bytes) -> str | None:
