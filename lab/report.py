@@ -213,14 +213,13 @@ def table(results, versions, boot, discarded=()):
             val = "unreadable output (bytes 0xff: pages with no memory behind them)"
         facts.append((label, str(val).replace("|", "/")[:160],
                       ms(results, dom, test, **fields)))
-    creates = find(results, "dom0", "domu-create") + [
-        r for r in discarded]
+    boots = len(find(results, "dom0", "domu-create")) + len(discarded)
+    why = "; ".join(f"{r['discarded']} "
+                    f"{(r['oops'] or ['no oops: triple fault or hang'])[0][:60]}"
+                    for r in discarded)
     facts.append(("domU boots discarded and booted again (kernel died under "
-                   "emulation)", f"{len(discarded)} of {len(creates)}" + (
-                       ": " + "; ".join(f"{r['discarded']} "
-                                        f"{(r.get('oops') or ['no oops: triple fault or hang'])[0][:60]}"
-                                        for r in discarded)
-                       if discarded else ""), ""))
+                  "emulation)", f"{len(discarded)} of {boots}"
+                  + (f": {why}" if why else ""), ""))
     lines += ["", "| what | result | time |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in facts]
     env = (find(results, "dom0", "env") or [{}])[0]
