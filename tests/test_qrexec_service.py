@@ -183,3 +183,48 @@ def test_error_reply_is_one_line():
     assert out.count(b"\n") == 1
     with pytest.raises(reply.ServiceRefused, match="over budget_second line_"):
         reply.parse_reply(out)
+
+
+async def _write_after_the_answer(path, payload):
+    """Descriptor first; the rest only once the answer is there (the server
+    decided without reading it), as a slow qrexec caller would."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(b"qubes.NoSuchService+ work keyword adminvm\0")
+    await writer.drain()
+    first = await reader.read(1)
+    writer.write(payload)
+    await writer.drain()
+    writer.write_eof()
+    out = first + await reader.read()
+    writer.close()
+    return out
+
+
+def test_an_early_answer_survives_the_callers_later_writes(tmp_path):
+    out = _run(tmp_path, lambda p: _write_after_the_answer(
+        p, b"x" * (512 * 1024)))
+    with pytest.raises(reply.ServiceRefused, match="not served here"):
+        reply.parse_reply(out)
+
+
+def test_lingering_for_the_callers_input_is_bounded(tmp_path, monkeypatch):
+    """A caller that never ends its input holds the connection for
+    LINGER_SECONDS at most (the server's connection task is gone then)."""
+    from qubes_gpu_share.qrexec import service
+    monkeypatch.setattr(service, "LINGER_SECONDS", 0.2)
+
+    async def main():
+        server = SocketServiceServer(tmp_path / "broker.sock", HANDLERS)
+        async with server:
+            reader, writer = await asyncio.open_unix_connection(server.path)
+            writer.write(b"qubes.NoSuchService+ work keyword adminvm\0more")
+            answer = await asyncio.wait_for(reader.read(), 5)  # EOF after it
+            lingering = len(server._connections)
+            await asyncio.sleep(0.6)
+            left = len(server._connections)
+            writer.close()
+            return answer, lingering, left
+    answer, lingering, left = asyncio.run(main())
+    with pytest.raises(reply.ServiceRefused, match="not served here"):
+        reply.parse_reply(answer)
+    assert (lingering, left) == (1, 0)

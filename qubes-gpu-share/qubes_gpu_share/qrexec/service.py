@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from typing import Awaitable, Callable, Mapping, Optional
+from typing import Awaitable, Callable, Mapping, Optional, TypeVar
 
 from ..unixserver import UnixServer
 from . import reply
@@ -27,6 +27,7 @@ from .descriptor import (MAX_DESCRIPTOR_LEN, DescriptorError, ServiceDescriptor,
 from .stream import StreamError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Handler = Callable[
     [ServiceDescriptor, asyncio.StreamReader, asyncio.StreamWriter],
@@ -34,10 +35,13 @@ Handler = Callable[
 
 #: qrexec writes the descriptor at once; a peer that does not is not qrexec.
 DESCRIPTOR_TIMEOUT = 5.0
+#: After answering, how long and how much of the caller's unread input the
+#: server reads and drops before it closes (see :func:`_close_after_input`).
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1 << 20
 
 
-async def _within(seconds: float, coro: Awaitable[ServiceDescriptor]
-                  ) -> ServiceDescriptor:
+async def _within(seconds: float, coro: Awaitable[T]) -> T:
     """``coro`` with a time limit (asyncio.TimeoutError), in this task.
 
     asyncio.timeout (3.11) limits the running task; wait_for (older
@@ -48,6 +52,33 @@ async def _within(seconds: float, coro: Awaitable[ServiceDescriptor]
         async with asyncio.timeout(seconds):
             return await coro
     return await asyncio.wait_for(coro, seconds)
+
+
+async def _close_after_input(reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+    """End the answer, let the caller finish sending, then close.
+
+    A service may answer before it has read all the caller's input (a
+    refusal is decided from the descriptor). Closing at once would make the
+    caller's next write fail (EPIPE), and an asyncio caller then loses the
+    answer already in its buffer. So: shut down our side (the caller reads
+    EOF after the answer), read and drop what the caller still sends until
+    its EOF, bounded by LINGER_BYTES and LINGER_SECONDS, and close.
+    """
+    with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+        if writer.can_write_eof() and not writer.is_closing():
+            writer.write_eof()
+        await _within(LINGER_SECONDS, _drop_input(reader, LINGER_BYTES))
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+async def _drop_input(reader: asyncio.StreamReader, limit: int) -> None:
+    """Read and drop input until EOF or *limit* bytes."""
+    dropped = 0
+    while dropped < limit and not reader.at_eof():
+        dropped += len(await reader.read(1 << 16))
 
 
 async def read_descriptor(reader: asyncio.StreamReader) -> ServiceDescriptor:
@@ -89,9 +120,7 @@ class SocketServiceServer(UnixServer):
         except (ConnectionError, asyncio.IncompleteReadError):
             log.info("caller went away")
         finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            await _close_after_input(reader, writer)
 
     async def _serve_one(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
