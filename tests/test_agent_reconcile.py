@@ -133,7 +133,7 @@ def state_of(sim, lease_id: str):
     return next(lease for lease in sim.leases() if lease.id == lease_id)
 
 
-def test_lost_answer_released_soon_offer_untaken_survives(tmp_path, qrexec):
+def test_lost_answer_released_soon_offer_untaken_survives(tmp_path):
     with system(tmp_path, QUBES) as sim, app(sim, "work") as work, \
             app(sim, "gpu-b") as offerer:
         fd = memfd()
@@ -159,7 +159,7 @@ def test_lost_answer_released_soon_offer_untaken_survives(tmp_path, qrexec):
         assert_budgets_consistent(sim, PROVIDERS, {"gpu-a": 0, "gpu-b": 0})
 
 
-def test_lease_in_flight_is_not_released(tmp_path, qrexec):
+def test_lease_in_flight_is_not_released(tmp_path):
     """A lease of gpu-b whose answer is still on its way (held back) while
     the agent reconciles after losing a gpu-a lease: the gpu-a one is
     released, the gpu-b one reaches its application and stays."""
@@ -197,7 +197,7 @@ def test_lease_in_flight_is_not_released(tmp_path, qrexec):
         assert_budgets_consistent(sim, PROVIDERS, {"gpu-a": 0, "gpu-b": 0})
 
 
-def test_agent_restart_releases_the_leases_it_held(tmp_path, qrexec):
+def test_agent_restart_releases_the_leases_it_held(tmp_path):
     with system(tmp_path, QUBES) as sim:
         with app(sim, "work") as work:
             held = [work.lease(name, **SMALL, ttl=TTL) for name in PROVIDERS]

@@ -214,11 +214,10 @@ def check_after_crashes(sim, ledger: Ledger) -> None:
 
 
 @pytest.mark.slow
-def test_broker_killed_100_times_5_loses_nothing(tmp_path, qrexec):
+def test_broker_killed_100_times_5_loses_nothing(tmp_path):
     crash_run(tmp_path, operations=100, kills=5, seed=7)
 
 
 @pytest.mark.slow
-def test_broker_killed_1000_operations_20_kills_loses_nothing(tmp_path,
-                                                              qrexec):
+def test_broker_killed_1000_operations_20_kills_loses_nothing(tmp_path):
     crash_run(tmp_path, operations=1000, kills=20, seed=1000)

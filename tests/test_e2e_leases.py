@@ -77,7 +77,7 @@ AGENT_ARGS = ("--revoke-wait", "1")
 
 
 @pytest.fixture
-def system(tmp_path, qrexec):
+def system(tmp_path):
     policy = tmp_path / "35-e2e-tests.policy"
     policy.write_text(TEST_POLICY)
     with SimSystem(tmp_path / "root", QUBES, [*POLICY, policy],
@@ -192,7 +192,7 @@ def test_budget_of_the_provider(system):
     assert "consumer=media provider=sys-gpu pages=4 reason=budget:" in refusal
 
 
-def test_dom0_takes_part_only_when_opted_in(tmp_path, qrexec):
+def test_dom0_takes_part_only_when_opted_in(tmp_path):
     policy = tmp_path / "35-e2e-tests.policy"
     policy.write_text(TEST_POLICY)
     qubes = [SimQube("dom0", 0, "pv", ("gpu-share",)), *QUBES]

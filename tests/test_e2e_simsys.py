@@ -75,7 +75,7 @@ def test_duplicate_domain_ids_are_refused(tmp_path):
         build(tmp_path, [SimQube("a", 2), SimQube("b", 2)], POLICY)
 
 
-def test_router_of_the_layout_applies_the_policy(tmp_path, qrexec):
+def test_router_of_the_layout_applies_the_policy(tmp_path):
     layout = build(tmp_path, QUBES, POLICY)
 
     async def echo(descriptor, reader, writer):

@@ -46,7 +46,6 @@ LEASE_BODY = protocol.encode(LeaseRequest(ImageSpec(64, 64, "XR24"),
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """One system for the module; VICTIM holds one lease throughout."""
-    pytest.importorskip("qrexec")
     with system(tmp_path_factory.mktemp("hostile"), QUBES) as sim, \
             app(sim, VICTIM) as victim:
         held = victim.lease("gpu-a", **SMALL)

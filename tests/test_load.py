@@ -45,7 +45,7 @@ def watched_pids(sim) -> dict[str, int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("qubes, count", [(10, 20), (50, 200)],
                          ids=["10x20", "50x200"])
-def test_concurrent_qubes_leave_nothing_behind(tmp_path, qrexec, qubes,
+def test_concurrent_qubes_leave_nothing_behind(tmp_path, qubes,
                                                count):
     names = [f"app{i}" for i in range(qubes)]
     everyone = [provider("gpu-a", 2), provider("gpu-b", 3),

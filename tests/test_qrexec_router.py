@@ -33,7 +33,7 @@ async def _offer(descriptor, reader, writer):
 
 
 @pytest.fixture
-def system(tmp_path, qrexec):
+def system(tmp_path):
     (tmp_path / "policy").mkdir()
     (tmp_path / "policy" / "50-test.policy").write_text(POLICY)
     dirs = {q: tmp_path / q for q in ("dom0", "work", "sys-gpu", "other")}
