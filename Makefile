@@ -9,15 +9,16 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SRC    := qubes-gpu-share
 
-# Qubes' own libraries: the system's where it has them (dom0), else the
-# reference copies beside the project (tests only; never packaged).
-VENDOR   := $(abspath ../shared/vendor)
-QUBES_PY := $(shell $(PYTHON) -c 'import os,qubesadmin;print(os.path.dirname(os.path.dirname(qubesadmin.__file__)))' 2>/dev/null || { test -d $(VENDOR) && echo $(VENDOR); })
+# Qubes' own qubesadmin/qrexec (tests only; never packaged, never
+# committed): the system's where importable (dom0), else the folder the
+# developer exported as QUBES_GPU_SHARE_QUBES_PATH (docs/qrexec.md says how
+# to make one); without either, tests marked `qubes` skip with the reason.
+QUBES_PY := $(or $(shell $(PYTHON) -c 'import os,qubesadmin,qrexec;print(os.path.dirname(os.path.dirname(qubesadmin.__file__)))' 2>/dev/null),$(QUBES_GPU_SHARE_QUBES_PATH))
 export QUBES_GPU_SHARE_QUBES_PATH := $(QUBES_PY)
 
 PY_INCLUDE := $(shell $(PYTHON) -c 'import sysconfig;print(sysconfig.get_paths()["include"])')
 
-.PHONY: all test quick system-deps venv clean
+.PHONY: all test quick system-deps venv clean policy-verdicts
 all: test
 
 # Debian packages the build needs (installed only when missing).
@@ -43,6 +44,14 @@ test: $(STAMP)
 
 quick: $(STAMP)
 	$(VPY) -m pytest -m 'not slow'
+
+# Qubes' own policy parser's verdicts on tests/test_policy.py's request
+# grid, which CI compares the project's evaluator against: run after a
+# change to policy/ or to the grid (a test fails until then). Needs Qubes'
+# qrexec package (above); QREXEC_COMMIT names the commit of
+# QubesOS/qubes-core-qrexec it was copied from, unless it is a git checkout.
+policy-verdicts: $(STAMP)
+	$(VPY) tests/test_policy.py --write-verdicts $(if $(QREXEC_COMMIT),--qrexec-commit $(QREXEC_COMMIT))
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .hypothesis
