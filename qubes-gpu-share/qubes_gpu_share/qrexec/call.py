@@ -16,15 +16,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import subprocess
 from typing import Awaitable, Callable, Optional, Protocol, Tuple
 
 from . import reply, stream
 
+log = logging.getLogger(__name__)
+
 QREXEC_CLIENT_VM = "/usr/bin/qrexec-client-vm"
 EXIT_PROBLEM = 125
 EXIT_REFUSED = 126
 EXIT_NOT_FOUND = 127
+#: How much of qrexec-client-vm's stderr is kept per call: its messages
+#: are a line or two ("Request refused", a vchan error); the rest is read
+#: and dropped, so it can neither block on a full pipe nor flood the log.
+STDERR_KEPT = 4096
+#: How long the last of that stderr may take after the program exited.
+STDERR_WAIT = 1.0
 
 
 class QrexecCallError(Exception):
@@ -171,7 +180,13 @@ class ConversationCaller:
 
 
 class ClientVmCaller(ConversationCaller):
-    """Calls from a qube, through ``qrexec-client-vm TARGET SERVICE+ARG``."""
+    """Calls from a qube, through ``qrexec-client-vm TARGET SERVICE+ARG``.
+
+    Its stderr is captured, not inherited: qrexec's own messages would
+    otherwise reach the agent's journal without saying which call they
+    belong to. They are logged once per call, as one line naming the call
+    (:func:`stderr_line`): a warning when the call failed, debug otherwise.
+    """
 
     def __init__(self, program: str = QREXEC_CLIENT_VM):
         self._program = program
@@ -181,20 +196,69 @@ class ClientVmCaller(ConversationCaller):
         try:
             proc = await asyncio.create_subprocess_exec(
                 self._program, "--", target, service_with_arg,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE)
         except OSError as exc:
             raise QrexecProblem(f"cannot run {self._program}: {exc}") from None
+        stderr = asyncio.ensure_future(_read_bounded(proc.stderr, STDERR_KEPT))
+        logged = False
 
         async def wait_status() -> int:
+            nonlocal logged
             with contextlib.suppress(ProcessLookupError):
-                if proc.returncode is None and proc.stdout.at_eof():
-                    return await proc.wait()
-                if proc.returncode is None:
+                if proc.returncode is None and not proc.stdout.at_eof():
                     proc.kill()
-            return await proc.wait()
+            status = await proc.wait()
+            if not logged:
+                logged = True
+                await _log_stderr(stderr, status,
+                                  f"{service_with_arg} to {target}")
+            return status
 
         return Conversation(target, service_with_arg, proc.stdout, proc.stdin,
                             wait_status)
+
+
+async def _read_bounded(reader: asyncio.StreamReader,
+                        kept: int) -> Tuple[bytes, int]:
+    """Read *reader* to its end; the first *kept* bytes, and how many more
+    were dropped."""
+    data, dropped = bytearray(), 0
+    while True:
+        chunk = await reader.read(65536)
+        if not chunk:
+            return bytes(data), dropped
+        room = max(0, kept - len(data))
+        data += chunk[:room]
+        dropped += len(chunk) - min(room, len(chunk))
+
+
+def stderr_line(data: bytes, dropped: int = 0) -> str:
+    """A program's stderr as one log line: printable ASCII (anything else
+    shows as '?'), its non-empty lines joined by ' | ', and how much was
+    dropped; '' when it said nothing."""
+    lines = ("".join(c if " " <= c <= "~" else " " if c == "\t" else "?"
+                     for c in line).strip()
+             for line in data.decode("ascii", "replace").splitlines())
+    text = " | ".join(line for line in lines if line)
+    if dropped:
+        text += f" | ({dropped} more bytes dropped)"
+    return text
+
+
+async def _log_stderr(collected: "asyncio.Future[Tuple[bytes, int]]",
+                      status: int, call_name: str) -> None:
+    try:
+        data, dropped = await asyncio.wait_for(collected, STDERR_WAIT)
+    except asyncio.TimeoutError:
+        # a child of qrexec-client-vm still holds the pipe: not ours to wait
+        log.debug("%s: its stderr did not end", call_name)
+        return
+    text = stderr_line(data, dropped)
+    if text:
+        log.log(logging.WARNING if status else logging.DEBUG,
+                "qrexec-client-vm %s: exit status %d: %s", call_name, status,
+                text)
 
 
 async def call(caller: ServiceCaller, target: str, service_with_arg: str,
