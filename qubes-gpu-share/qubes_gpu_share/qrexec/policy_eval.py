@@ -3,14 +3,17 @@
 The simulated router asks "may SOURCE call SERVICE+ARG on TARGET, and where
 does it go?" and gets a :class:`Decision`. The answer comes from Qubes' own
 policy parser (``qrexec.policy.parser``) whenever it is importable, from the
-system (dom0) or from the reference copy the Makefile puts on the path. Only
-on a machine with neither does :class:`SubsetPolicy` stand in, so that
-``make demo`` still runs: it understands the part of the policy language the
-project's policies use (plain rules, ``*``, names, ``@anyvm``, ``@adminvm``,
-``@tag:``, ``@type:``, ``@default``; allow/deny/ask with ``target=``,
-``default_target=``, ``notify=``, ``autostart=``, ``user=``) and refuses a
-file that uses anything else. tests/test_policy.py checks that it agrees
-with Qubes' parser on every shipped and example policy.
+system (dom0) or from the folder QUBES_GPU_SHARE_QUBES_PATH names (a
+developer's copy, never committed: tests/conftest.py). Elsewhere (CI, a
+developer's machine) :class:`SubsetPolicy` stands in, so that ``make demo``
+and the simulated system run: it understands the part of the policy
+language the project's policies use (plain rules, ``*``, names, ``@anyvm``,
+``@adminvm``, ``@tag:``, ``@type:``, ``@default``; allow/deny/ask with
+``target=``, ``default_target=``, ``notify=``, ``autostart=``, ``user=``)
+and refuses a file that uses anything else. tests/test_policy.py checks
+that it decides like Qubes' parser on every shipped and example policy:
+against the parser's verdicts recorded in tests/data/policy-verdicts.json
+always, and live where the parser is present.
 """
 
 from __future__ import annotations
@@ -249,7 +252,8 @@ def evaluate_with_parser(parser, policy, info: dict, source: str, service: str,
 
 def qubes_parser():
     """``qrexec.policy.parser`` from the system, or from the folder named by
-    QUBES_GPU_SHARE_QUBES_PATH (the Makefile sets it); None without both."""
+    QUBES_GPU_SHARE_QUBES_PATH (the Makefile passes on the developer's);
+    None without both."""
     try:
         return importlib.import_module("qrexec.policy.parser")
     except ImportError:
