@@ -8,7 +8,9 @@
         buf.close()                         # releases the lease
 
 It talks to this qube's agent over ``/run/qubes-gpu-share/app.sock``
-(agent/appproto.py has the messages). One request at a time per
+(in dom0, dom0's own agent over ``/run/qubes-gpu-share-dom0-app.sock``;
+$QUBES_GPU_SHARE_APP_SOCKET overrides both: :func:`default_socket`;
+agent/appproto.py has the messages). One request at a time per
 :class:`Client`; the agent may send a revoke notice at any time, which the
 client collects in :attr:`Client.revoked`: a program should then stop using
 that buffer and close it. Closing the client (or the process dying) releases
@@ -26,10 +28,22 @@ from typing import Any
 from .agent import appproto
 from .agent.appproto import LeaseInfo
 from .formats import BLOB, BlobSpec, ImageSpec, ReceiveMode
+from .grant import this_domain
 from .protocol import LeaseEntry, Role
 
+#: the agent's application socket in a qube
 APP_SOCKET = "/run/qubes-gpu-share/app.sock"
+#: in dom0: the socket systemd holds for dom0's own agent
+#: (qubes-gpu-share-dom0-agent.socket), group qubes like the qube's
+DOM0_APP_SOCKET = "/run/qubes-gpu-share-dom0-app.sock"
 ENV_SOCKET = "QUBES_GPU_SHARE_APP_SOCKET"
+
+
+def default_socket(proc_root: str = this_domain.PROC_ROOT) -> str:
+    """Where this system's agent listens: $QUBES_GPU_SHARE_APP_SOCKET, else
+    dom0's agent's socket in dom0, else the qube's agent's."""
+    return os.environ.get(ENV_SOCKET) or (
+        DOM0_APP_SOCKET if this_domain.is_dom0(proc_root) else APP_SOCKET)
 
 
 #: the reply kind of each request whose reply is named differently
@@ -97,7 +111,7 @@ class Client:
     """A connection to this qube's agent."""
 
     def __init__(self, path: str | None = None):
-        path = path or os.environ.get(ENV_SOCKET, APP_SOCKET)
+        path = path or default_socket()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._sock.connect(path)

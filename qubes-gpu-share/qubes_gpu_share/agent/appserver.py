@@ -4,7 +4,10 @@ A ``SOCK_SEQPACKET`` Unix socket (one message per packet, fds attached with
 SCM_RIGHTS; appproto.py has the messages). Who may connect:
 
 * the socket file is created mode 0660 (group: the ``--app-group``, when
-  given), so the file system is the first gate;
+  given), so the file system is the first gate; dom0's agent, which is
+  not in that group and so cannot give it the file, gets the listening
+  socket from systemd instead (socket activation, created with the same
+  group and mode: ``listening``);
 * then every connection's SO_PEERCRED is checked: the peer's uid must be
   root, the agent's own uid or one of the allowed uids (``--app-user``), or
   a member (primary or supplementary) of the ``--app-group``. In a qube that is the
@@ -145,31 +148,44 @@ class AppServer:
     """Serves applications on ``path`` for ``agent``."""
 
     def __init__(self, agent: Agent, path: str | os.PathLike,
-                 policy: PeerPolicy = PeerPolicy(), group: int | None = None):
+                 policy: PeerPolicy = PeerPolicy(), group: int | None = None,
+                 listening: socket.socket | None = None):
+        """``listening``: a socket already bound at ``path`` and listening,
+        whose file someone else (systemd) owns: used as it is, and its
+        file left in place at close."""
         self.agent = agent
         self.path = os.fspath(path)
         self.policy = policy
         self._group = group
+        self._listening = listening
         self._sock: socket.socket | None = None
         self._tasks: set[asyncio.Task] = set()
         self.connections: set[AppConnection] = set()
         agent.notify_app = self._notify
 
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        old_umask = os.umask(0o117)
-        try:
-            sock.bind(self.path)
-        finally:
-            os.umask(old_umask)
-        if self._group is not None:
-            os.chown(self.path, -1, self._group)
-        sock.listen(16)
+        sock = self._listening or self._bind()
         sock.setblocking(False)
         self._sock = sock
         self._spawn(self._accept_loop())
+
+    def _bind(self) -> socket.socket:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            old_umask = os.umask(0o117)
+            try:
+                sock.bind(self.path)
+            finally:
+                os.umask(old_umask)
+            if self._group is not None:
+                os.chown(self.path, -1, self._group)
+            sock.listen(16)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -178,8 +194,9 @@ class AppServer:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            if self._listening is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

@@ -1,10 +1,16 @@
 """``qubes-gpu-share-agent``: the per-qube agent daemon (both roles).
 
-Serves dom0's calls on ``RUN_DIR/agent.sock`` (the /etc/qubes-rpc symlinks
-point there; ``dom0-agent-service.sock`` with ``--dom0``) and applications on
-``RUN_DIR/app.sock``. Logs one line per event to stderr (the journal under
-systemd). :func:`run_agent` starts it from parsed options, for tests and the
-simulated system.
+In a qube it serves dom0's calls on ``/run/qubes-gpu-share/agent.sock``
+(the /etc/qubes-rpc symlinks point there) and applications on
+``app.sock`` beside it. As dom0's own agent (``--dom0``, opt-in) it runs as
+its own user, apart from the broker: the broker calls it on
+``/run/qubes-gpu-share-dom0/service.sock``, it calls the broker on
+``/run/qubes-gpu-share/dom0-agent.sock``, and applications reach it on the
+socket systemd creates for it (socket activation: dom0's users are in
+group ``qubes``, which this agent is not in, so it could not give them the
+file itself). Logs one line per event to stderr (the journal under
+systemd). :func:`run_agent` starts it from parsed options, for tests and
+the simulated system.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ import os
 import pathlib
 import pwd
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 
 from ..alloc import (Allocator, DmaHeapAllocator, MemfdAllocator,
                      UdmabufAllocator)
@@ -34,7 +41,14 @@ from .services import make_server
 log = logging.getLogger("qubes_gpu_share.agent")
 
 RUN_DIR = "/run/qubes-gpu-share"
+#: dom0's agent's own run directory (its unit's RuntimeDirectory, group
+#: qubes-gpu-share-dom0, of which the broker is a member)
+DOM0_RUN_DIR = "/run/qubes-gpu-share-dom0"
+#: the broker's socket for dom0's agent, in the broker's run directory
+DOM0_BROKER_SOCKET = "/run/qubes-gpu-share/dom0-agent.sock"
 SERVICES_DIR = "/run/qubes-service"
+#: the first fd systemd passes to a socket-activated service (sd_listen_fds)
+LISTEN_FDS_START = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "dom0 broker of qubes-gpu-share directs.")
     add = parser.add_argument
     add("--name", help="this qube's name (default: qubesdb-read /name)")
-    add("--run-dir", default=RUN_DIR, help="where the sockets go")
+    add("--run-dir", default=None,
+        help=f"where the sockets go (default {RUN_DIR}; with --dom0 "
+             f"{DOM0_RUN_DIR})")
     add("--services-dir", default=SERVICES_DIR,
         help="Qubes services enabled at boot: gpu-share (consumer), "
              "gpu-share-provider (provider)")
@@ -52,14 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="grant device: 'real' or sim:SOCKET:DOMID[:TRAITS] (default: "
              "$QUBES_GPU_SHARE_GRANT or real)")
     add("--allocator", default="auto",
-        choices=("auto", "udmabuf", "dma-heap", "memfd", "gntalloc"))
+        choices=("auto", "udmabuf", "dma-heap", "memfd", "gntalloc"),
+        help="where a provider's buffers come from (default auto: udmabuf, "
+             "else the system dma-heap, else gntalloc pages)")
     add("--qrexec", default="client-vm",
         help="how to call dom0: client-vm or sim:ROOT")
     add("--dom0", action="store_true",
-        help="run as dom0's agent: call the broker on its local socket")
-    add("--broker-socket", default=None,
-        help="with --dom0: the broker's socket (default RUN_DIR/"
-             "dom0-agent.sock)")
+        help="run as dom0's agent: serve the broker on RUN_DIR/service.sock "
+             "and call it on its local socket")
+    add("--broker-socket", default=DOM0_BROKER_SOCKET,
+        help="with --dom0: the broker's socket (default %(default)s)")
     add("--app-user", action="append", default=[],
         help="a user allowed on app.sock (repeatable)")
     add("--app-group", default=None,
@@ -114,8 +132,7 @@ def qube_name(given: str | None) -> str:
 
 def broker_caller(options: argparse.Namespace, name: str):
     if options.dom0:
-        return LocalSocketCaller(options.broker_socket or os.path.join(
-            options.run_dir, "dom0-agent.sock"))
+        return LocalSocketCaller(options.broker_socket)
     if options.qrexec.startswith("sim:"):
         return sim_caller(options.qrexec[len("sim:"):], name)
     if options.qrexec != "client-vm":
@@ -129,6 +146,55 @@ def peer_policy(options: argparse.Namespace) -> tuple[PeerPolicy, int | None]:
     gid = grp.getgrnam(options.app_group).gr_gid if options.app_group \
         else None
     return PeerPolicy(uids, frozenset() if gid is None else {gid}), gid
+
+
+def service_socket(options: argparse.Namespace) -> tuple[pathlib.Path, int]:
+    """The socket dom0 calls this agent on, and its mode. In a qube
+    agent.sock, 0600: qrexec-agent (root) is the only caller. dom0's
+    agent's service.sock, 0660 with the agent's own group
+    (qubes-gpu-share-dom0), which the broker is a member of."""
+    if options.dom0:
+        return pathlib.Path(options.run_dir or DOM0_RUN_DIR, "service.sock"), \
+            0o660
+    return pathlib.Path(options.run_dir or RUN_DIR, "agent.sock"), 0o600
+
+
+def activated_socket(environ: MutableMapping[str, str] = os.environ,
+                     pid: int | None = None,
+                     first_fd: int = LISTEN_FDS_START
+                     ) -> socket.socket | None:
+    """The application socket systemd passed (socket activation, as
+    sd_listen_fds(3): LISTEN_PID names this process), else None. The
+    variables are removed either way, so that the programs the agent runs
+    do not take them for theirs. It must be one listening SEQPACKET Unix
+    socket (qubes-gpu-share-dom0-agent.socket)."""
+    listen_pid = environ.pop("LISTEN_PID", None)
+    count = environ.pop("LISTEN_FDS", None)
+    environ.pop("LISTEN_FDNAMES", None)
+    if listen_pid is None or listen_pid != str(pid or os.getpid()):
+        return None
+    if count != "1":
+        raise ValueError(f"systemd passed {count} sockets, expected one "
+                         "(app.sock)")
+    sock = socket.socket(fileno=first_fd)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET \
+            or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise ValueError("the socket systemd passed is not a listening "
+                         "SEQPACKET Unix socket (ListenSequentialPacket=)")
+    sock.set_inheritable(False)
+    return sock
+
+
+def check_can_own(gid: int | None, name: str | None) -> None:
+    """Giving app.sock to group ``name`` takes membership (or root): say
+    so before trying, rather than with chown's EPERM."""
+    if gid is None or os.geteuid() == 0 or gid == os.getegid() \
+            or gid in os.getgroups():
+        return
+    raise ValueError(f"cannot give app.sock to group {name}, which this agent "
+                     "is not in: dom0's agent gets it from systemd "
+                     "(qubes-gpu-share-dom0-agent.socket)")
 
 
 async def run_agent(options: argparse.Namespace,
@@ -153,13 +219,18 @@ async def run_agent(options: argparse.Namespace,
     agent = Agent(name, device, allocator,
                   BrokerLink(broker_caller(options, name)), roles)
     agent.consumer.revoke_wait = options.revoke_wait
-    run_dir = pathlib.Path(options.run_dir)
+    service_path, service_mode = service_socket(options)
+    run_dir = service_path.parent
     run_dir.mkdir(parents=True, exist_ok=True)
-    service_sock = "dom0-agent-service.sock" if options.dom0 else \
-        "agent.sock"
     policy, gid = peer_policy(options)
-    services = make_server(agent, run_dir / service_sock)
-    apps = AppServer(agent, run_dir / "app.sock", policy, gid)
+    listening = activated_socket()
+    if listening is None:
+        check_can_own(gid, options.app_group)
+        app_path = run_dir / "app.sock"
+    else:
+        app_path = pathlib.Path(listening.getsockname())
+    services = make_server(agent, service_path, service_mode)
+    apps = AppServer(agent, app_path, policy, gid, listening)
     stop = stop or asyncio.Event()
     try:
         await services.start()
@@ -167,8 +238,9 @@ async def run_agent(options: argparse.Namespace,
         # leases from before a restart are dead (the old agent's mappings
         # died with it): hand them back now rather than at their TTL
         agent.reconciler.request()
-        log.info("agent of %s ready (allocator %s) on %s", name,
-                 allocator.name if allocator else "gntalloc", run_dir)
+        log.info("agent of %s ready (allocator %s) on %s and %s", name,
+                 allocator.name if allocator else "gntalloc", service_path,
+                 app_path)
         if started is not None:
             started.set()
         await stop.wait()
