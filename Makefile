@@ -18,7 +18,7 @@ export QUBES_GPU_SHARE_QUBES_PATH := $(QUBES_PY)
 
 PY_INCLUDE := $(shell $(PYTHON) -c 'import sysconfig;print(sysconfig.get_paths()["include"])')
 
-.PHONY: all test quick system-deps venv clean policy-verdicts
+.PHONY: all test quick system-deps lint-tools venv clean policy-verdicts
 all: test
 
 # Debian packages the build needs (installed only when missing).
@@ -39,7 +39,13 @@ $(STAMP): $(SRC)/pyproject.toml $(wildcard $(SRC)/setup.py) $(wildcard $(SRC)/qu
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# The packagers' linters, which tests/test_packaging.py runs on the built
+# packages: installed where we can, skipped by the tests where not.
+lint-tools:
+	@scripts/ensure-system-deps lintian:/usr/bin/lintian rpmlint:/usr/bin/rpmlint \
+	    || echo "(the packaging tests skip the linters without them)"
+
+test: $(STAMP) lint-tools
 	$(VPY) -m pytest
 
 quick: $(STAMP)

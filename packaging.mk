@@ -3,7 +3,8 @@
 # Self-contained, so the packages' build scripts run it directly
 # (`make -f packaging.mk ...` in rpm_spec/ and debian/rules) and the top
 # Makefile can include it:
-#   make install-dom0 DESTDIR=...   dom0 files (broker, admin CLI, policy)
+#   make install-dom0 DESTDIR=...   dom0 files (broker, admin CLI, policy,
+#                                   dom0's opt-in agent)
 #   make install-vm DESTDIR=...     qube files (agent, udev rule, post-install)
 #   make man                        the man pages, from the argparse parsers
 #   make rpm                        both RPMs with rpmbuild (also on Debian)
@@ -61,12 +62,14 @@ install-python: check-version
 	    $(DESTDIR)$(PYTHON_SITEARCH)/qubes_gpu_share-$(PKG_VERSION).egg-info
 	find $(DESTDIR)$(PYTHON_SITEARCH)/qubes_gpu_share -name __pycache__ -prune -exec rm -rf {} +
 
-PKG_MANPAGES := qubes-gpu-share qvm-gpu-share
-man: $(PKG_MANPAGES:%=$(PKG_MANOUT)/%.1)
+# commands in section 1, the daemons (run by their units) in section 8
+PKG_MANPAGES := qubes-gpu-share.1 qvm-gpu-share.1 \
+    qubes-gpu-share-broker.8 qubes-gpu-share-agent.8
+man: $(PKG_MANPAGES:%=$(PKG_MANOUT)/%)
 
 # from the program's argparse parser (qubes_gpu_share/cli/manpage.py)
-$(PKG_MANOUT)/%.1: FORCE
-	cd $(PKG_SRC) && $(PYTHON) -m qubes_gpu_share.cli.manpage $(PKG_MANOUT) $*
+$(PKG_MANPAGES:%=$(PKG_MANOUT)/%): $(PKG_MANOUT)/%: FORCE
+	cd $(PKG_SRC) && $(PYTHON) -m qubes_gpu_share.cli.manpage $(PKG_MANOUT) $(basename $*)
 FORCE:
 
 # Programs are small Python scripts, not pip console scripts, so the rpm and
@@ -85,26 +88,43 @@ define pkg-qubes-rpc
 	cp -P $(PKG_TOP)/qubes-rpc/$(1)/qubes.Gpu* $(DESTDIR)$(SYSCONFDIR)/qubes-rpc/
 endef
 
-# In both packages: the library, the user, the preset, qubes-gpu-share(1).
-install-common: install-python $(PKG_MANOUT)/qubes-gpu-share.1
+# $(call pkg-man,PAGE...): man pages (NAME.SECTION) into their sections
+define pkg-man
+	$(foreach page,$(1),install -D -m 0644 $(PKG_MANOUT)/$(page) \
+	    $(DESTDIR)$(MANDIR)/man$(subst .,,$(suffix $(page)))/$(page)
+	)
+endef
+
+# In both packages: the library, the user, the preset, the command and
+# the agent with their man pages.
+install-common: install-python $(PKG_MANOUT)/qubes-gpu-share.1 \
+        $(PKG_MANOUT)/qubes-gpu-share-agent.8
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) \
-	    $(DESTDIR)$(PRESETDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(MANDIR)/man1
+	    $(DESTDIR)$(PRESETDIR) $(DESTDIR)$(SYSUSERSDIR)
 	$(call pkg-program,qubes-gpu-share,qubes_gpu_share.cli.main)
 	$(call pkg-program,qubes-gpu-share-agent,qubes_gpu_share.agent)
 	install -m 0644 $(PKG_TOP)/systemd/qubes-gpu-share.sysusers \
 	    $(DESTDIR)$(SYSUSERSDIR)/qubes-gpu-share.conf
 	install -m 0644 $(PKG_TOP)/systemd/70-qubes-gpu-share.preset $(DESTDIR)$(PRESETDIR)/
-	install -m 0644 $(PKG_MANOUT)/qubes-gpu-share.1 $(DESTDIR)$(MANDIR)/man1/
+	$(call pkg-man,qubes-gpu-share.1 qubes-gpu-share-agent.8)
 
-install-dom0: install-common $(PKG_MANOUT)/qvm-gpu-share.1
+# dom0: the broker, the admin tool, the policy, and dom0's own agent
+# (opt-in: its unit, socket unit, user and device access).
+install-dom0: install-common $(PKG_MANOUT)/qvm-gpu-share.1 \
+        $(PKG_MANOUT)/qubes-gpu-share-broker.8
 	$(call pkg-program,qubes-gpu-share-broker,qubes_gpu_share.broker)
 	$(call pkg-program,qvm-gpu-share,qubes_gpu_share.cli.admin)
 	install -m 0644 $(PKG_TOP)/systemd/qubes-gpu-share-broker.service \
-	    $(PKG_TOP)/systemd/qubes-gpu-share-dom0-agent.service $(DESTDIR)$(UNITDIR)/
+	    $(PKG_TOP)/systemd/qubes-gpu-share-dom0-agent.service \
+	    $(PKG_TOP)/systemd/qubes-gpu-share-dom0-agent.socket $(DESTDIR)$(UNITDIR)/
+	install -m 0644 $(PKG_TOP)/systemd/qubes-gpu-share-dom0.sysusers \
+	    $(DESTDIR)$(SYSUSERSDIR)/qubes-gpu-share-dom0.conf
+	install -d $(DESTDIR)$(UDEVRULESDIR)
+	install -m 0644 $(PKG_TOP)/udev/90-qubes-gpu-share-dom0.rules $(DESTDIR)$(UDEVRULESDIR)/
 	$(call pkg-qubes-rpc,dom0)
 	install -d $(DESTDIR)$(SYSCONFDIR)/qubes/policy.d
 	install -m 0664 $(PKG_TOP)/policy/*.policy $(DESTDIR)$(SYSCONFDIR)/qubes/policy.d/
-	install -m 0644 $(PKG_MANOUT)/qvm-gpu-share.1 $(DESTDIR)$(MANDIR)/man1/
+	$(call pkg-man,qvm-gpu-share.1 qubes-gpu-share-broker.8)
 	install -d -m 0750 $(DESTDIR)$(STATEDIR)
 
 install-vm: install-common
@@ -127,8 +147,10 @@ PKG_RPM_DEFINES = \
     --define '_topdir $(PKG_RPMTOP)' \
     --define 'python3_version $(PKG_PYVER)'
 
+# python3-packaging: rpm's generator of python3dist() Provides needs it
 PKG_RPM_DEPS := rpm:/usr/bin/rpmbuild gcc:/usr/bin/gcc \
     python3-dev:/usr/bin/python3-config \
+    python3-packaging:/usr/lib/python3/dist-packages/packaging \
     python3-setuptools:/usr/lib/python3/dist-packages/setuptools \
     python3-cffi:/usr/lib/python3/dist-packages/cffi \
     linux-libc-dev:/usr/include/xen/gntdev.h \
@@ -143,7 +165,8 @@ rpm: check-version
 	cd $(PKG_TOP) && git ls-files -z | tar --null -T - \
 	    --transform 's,^,qubes-gpu-share-$(PKG_VERSION)/,S' \
 	    -czf $(PKG_RPMTOP)/SOURCES/qubes-gpu-share-$(PKG_VERSION).tar.gz
-	cp $(PKG_TOP)/systemd/qubes-gpu-share.sysusers $(PKG_RPMTOP)/SOURCES/
+	cp $(PKG_TOP)/systemd/qubes-gpu-share.sysusers \
+	    $(PKG_TOP)/systemd/qubes-gpu-share-dom0.sysusers $(PKG_RPMTOP)/SOURCES/
 	sed 's/@VERSION@/$(PKG_VERSION)/g' $(PKG_TOP)/rpm_spec/qubes-gpu-share.spec.in \
 	    > $(PKG_RPMTOP)/SPECS/qubes-gpu-share.spec
 	rpmbuild -bb --nodeps $(PKG_RPM_DEFINES) $(PKG_RPMTOP)/SPECS/qubes-gpu-share.spec

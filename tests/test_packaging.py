@@ -1,13 +1,17 @@
 """Packaging: `make install-dom0` / `install-vm` put every file in its place,
-the installed tree runs, the units verify, and `make rpm` / `make deb` build
-packages holding exactly the expected files (docs/packaging.md).
+the installed tree runs, the units say who runs what with which rights and
+verify, `make rpm` / `make deb` build packages holding exactly the expected
+files, and the packagers' linters (rpmlint, lintian) find nothing but the
+expected warnings listed below, each with its reason (docs/packaging.md).
 
 Where a test runs a program of another part (qvm-gpu-share's --help), it is
-skipped while that module does not exist yet; nothing else is.
+skipped while that module does not exist yet; a linter that is not
+installed skips its test (`make test` installs both where it can).
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import shutil
@@ -17,6 +21,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from qubes_gpu_share import client
 
 TOP = Path(__file__).resolve().parent.parent
 SRC = TOP / "qubes-gpu-share"
@@ -40,15 +46,20 @@ def expected_files(side: str, *, site: str, unitdir: str, presetdir: str,
         "/usr/lib/sysusers.d/qubes-gpu-share.conf",
         f"{presetdir}/70-qubes-gpu-share.preset",
         "/usr/share/man/man1/qubes-gpu-share.1",
+        "/usr/share/man/man8/qubes-gpu-share-agent.8",
     }
     if side == "dom0":
         return common | {
             "/usr/bin/qubes-gpu-share-broker", "/usr/bin/qvm-gpu-share",
             f"{unitdir}/qubes-gpu-share-broker.service",
             f"{unitdir}/qubes-gpu-share-dom0-agent.service",
+            f"{unitdir}/qubes-gpu-share-dom0-agent.socket",
+            "/usr/lib/sysusers.d/qubes-gpu-share-dom0.conf",
+            f"{udevdir}/90-qubes-gpu-share-dom0.rules",
             "/etc/qubes/policy.d/30-user-gpu-share.policy",
             "/etc/qubes/policy.d/60-gpu-share.policy",
             "/usr/share/man/man1/qvm-gpu-share.1",
+            "/usr/share/man/man8/qubes-gpu-share-broker.8",
         } | {f"/etc/qubes-rpc/{name}" for name in DOM0_SERVICES}
     return common | {
         f"{unitdir}/qubes-gpu-share-agent.service",
@@ -98,6 +109,133 @@ def test_version_file_python_package_and_debian_changelog_agree():
                     changelog), changelog
     spec = (TOP / "rpm_spec" / "qubes-gpu-share.spec.in").read_text()
     assert re.search(r"^Version:\s+@VERSION@$", spec, re.M)
+
+
+# --- fast: who runs what, with which rights (the units) ----------------------
+
+def unit(name: str) -> dict[str, dict[str, list[str]]]:
+    """A unit file of systemd/ as section -> key -> values (a key may be
+    given more than once; spaces split SupplementaryGroups= and the like
+    later, where it matters)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for line in (TOP / "systemd" / name).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"),
+                                          collections.defaultdict(list))
+        else:
+            key, _, value = line.partition("=")
+            current[key].append(value)
+    return sections
+
+
+def one(section: dict[str, list[str]], key: str) -> str:
+    [value] = section[key]
+    return value
+
+
+def ids(service: dict[str, list[str]]) -> set[str]:
+    """The user and every group a unit's process runs with."""
+    groups = " ".join(service.get("SupplementaryGroups", [])).split()
+    return {one(service, "User"), one(service, "Group"), *groups}
+
+
+BROKER = "qubes-gpu-share-broker.service"
+DOM0_AGENT = "qubes-gpu-share-dom0-agent.service"
+DOM0_AGENT_SOCKET = "qubes-gpu-share-dom0-agent.socket"
+VM_AGENT = "qubes-gpu-share-agent.service"
+
+
+def test_dom0_agent_runs_as_its_own_user_outside_group_qubes():
+    """dom0's agent maps pages from qubes: it must not share a user or a
+    group with the broker, whose user owns the registry and whose group
+    (qubes) owns broker.sock, admin.sock and qubesd's Admin API."""
+    agent = unit(DOM0_AGENT)["Service"]
+    broker = unit(BROKER)["Service"]
+    assert one(agent, "User") == one(agent, "Group") == "qubes-gpu-share-dom0"
+    assert "SupplementaryGroups" not in agent
+    assert ids(agent).isdisjoint({"qubes", "qubes-gpu-share", "root"})
+    assert ids(agent).isdisjoint({one(broker, "User"), one(broker, "Group")})
+    assert not agent.get("ReadWritePaths")       # nothing of the broker's
+    assert "--dom0" in one(agent, "ExecStart").split()
+
+
+def test_registry_and_broker_sockets_are_closed_to_dom0_agent():
+    """What the agent could reach of the broker's: the registry folder
+    (owner the broker's user, group qubes, 0750: nothing for others) and
+    its run folder (0755, so that the agent reaches dom0-agent.sock, the
+    only socket there of the agent's group; broker.sock and admin.sock
+    are group qubes, 0660)."""
+    broker = unit(BROKER)["Service"]
+    assert (one(broker, "User"), one(broker, "Group")) == (
+        "qubes-gpu-share", "qubes")
+    assert one(broker, "StateDirectory") == "qubes-gpu-share"
+    assert one(broker, "StateDirectoryMode") == "0750"
+    assert one(broker, "RuntimeDirectory") == "qubes-gpu-share"
+    assert one(broker, "RuntimeDirectoryMode") == "0755"
+    assert one(broker, "UMask") == "0007"          # nothing for others
+
+
+def test_broker_and_dom0_agent_meet_only_through_the_agents_group():
+    broker = unit(BROKER)["Service"]
+    agent = unit(DOM0_AGENT)["Service"]
+    assert broker["SupplementaryGroups"] == ["qubes-gpu-share-dom0"]
+    assert one(agent, "RuntimeDirectory") == "qubes-gpu-share-dom0"
+    assert one(agent, "RuntimeDirectoryMode") == "0750"   # the broker: group
+    assert one(agent, "UMask") == "0007"
+
+
+def test_dom0_agent_gets_app_sock_from_systemd_for_group_qubes():
+    """The agent cannot give a file to group qubes (it is not in it):
+    systemd makes the socket, where applications look for it in dom0."""
+    socket_unit = unit(DOM0_AGENT_SOCKET)
+    listen = socket_unit["Socket"]
+    assert one(listen, "ListenSequentialPacket") == client.DOM0_APP_SOCKET
+    assert (one(listen, "SocketGroup"), one(listen, "SocketMode")) == (
+        "qubes", "0660")
+    agent = unit(DOM0_AGENT)
+    for key in ("Requires", "After"):
+        assert DOM0_AGENT_SOCKET in " ".join(agent["Unit"][key]).split()
+    assert one(agent["Install"], "Also") == DOM0_AGENT_SOCKET
+    assert "--app-group" in one(agent["Service"], "ExecStart").split()
+    preset = (TOP / "systemd" / "70-qubes-gpu-share.preset").read_text()
+    assert f"disable {DOM0_AGENT_SOCKET}" in preset.splitlines()
+
+
+@pytest.mark.parametrize("name", [BROKER, DOM0_AGENT, VM_AGENT])
+def test_services_restart_on_failure_within_a_start_limit(name):
+    units = unit(name)
+    assert one(units["Service"], "Restart") == "on-failure"
+    assert one(units["Unit"], "StartLimitIntervalSec") == "60"
+    assert one(units["Unit"], "StartLimitBurst") == "5"
+
+
+@pytest.mark.parametrize("name, limit", [
+    (BROKER, 4096), (DOM0_AGENT, 65536), (VM_AGENT, 65536)])
+def test_file_descriptor_limits(name, limit):
+    """The broker's over its caps (256 calls in, 64 out), the agents' over
+    a provider's default budget of one-page leases (the units say why)."""
+    assert int(one(unit(name)["Service"], "LimitNOFILE")) == limit
+
+
+def test_journald_does_not_undercut_the_brokers_own_audit_rate_limit():
+    service = unit(BROKER)["Service"]
+    assert one(service, "LogRateLimitIntervalSec") == "10s"
+    assert int(one(service, "LogRateLimitBurst")) >= 10_000
+
+
+def test_each_system_user_has_a_sysusers_entry():
+    users = {}
+    for name in ("qubes-gpu-share.sysusers", "qubes-gpu-share-dom0.sysusers"):
+        for line in (TOP / "systemd" / name).read_text().splitlines():
+            if line and not line.startswith("#"):
+                kind, who, *_rest = line.split()
+                users.setdefault(kind, set()).add(who)
+    assert users == {"u": {"qubes-gpu-share", "qubes-gpu-share-dom0"},
+                     "g": {"qubes-gpu-share", "qubes-gpu-share-dom0"}}
 
 
 # --- slow: install into a DESTDIR --------------------------------------------
@@ -194,64 +332,117 @@ def test_qvm_gpu_share_help_runs_from_the_installed_tree(installed):
     assert "usage: qvm-gpu-share" in result.stdout
 
 
+#: every program's man page (cli/manpage.py): commands 1, daemons 8
+MAN_PAGES = {"qubes-gpu-share": "1", "qvm-gpu-share": "1",
+             "qubes-gpu-share-broker": "8", "qubes-gpu-share-agent": "8"}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("man") is None, reason="no man(1) here")
-@pytest.mark.parametrize("page", ["qubes-gpu-share", "qvm-gpu-share"])
-def test_man_pages_render_without_warnings(installed, page):
-    path = installed["dom0"] / "usr/share/man/man1" / f"{page}.1"
+@pytest.mark.parametrize("page, section", MAN_PAGES.items())
+def test_man_pages_render_without_warnings(installed, page, section):
+    path = installed["dom0"] / f"usr/share/man/man{section}/{page}.{section}"
     result = run("man", "--warnings", "-l", str(path),
                  env={**os.environ, "MANPAGER": "cat", "MANWIDTH": "80"})
     assert result.returncode == 0 and not result.stderr, result.stderr
     assert page in result.stdout and "OPTIONS" in result.stdout
+    assert "%(" not in result.stdout       # argparse's %(default)s filled in
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                     reason="no systemd-analyze here")
-@pytest.mark.parametrize("side, unit, program", [
-    ("dom0", "qubes-gpu-share-broker.service", "qubes-gpu-share-broker"),
-    ("dom0", "qubes-gpu-share-dom0-agent.service", "qubes-gpu-share-agent"),
-    ("vm", "qubes-gpu-share-agent.service", "qubes-gpu-share-agent")])
-def test_systemd_analyze_verify_passes(installed, side, unit, program):
+@pytest.mark.parametrize("side, unit_name, program", [
+    ("dom0", BROKER, "qubes-gpu-share-broker"),
+    ("dom0", DOM0_AGENT, "qubes-gpu-share-agent"),
+    ("dom0", DOM0_AGENT_SOCKET, None),
+    ("vm", VM_AGENT, "qubes-gpu-share-agent")])
+def test_systemd_analyze_verify_passes(installed, side, unit_name, program):
     """The only message allowed is that ExecStart's program is not on this
     machine (it is in the DESTDIR: checked here). --root=DESTDIR would need
     a whole systemd tree there; man pages are checked above."""
     root = installed[side]
-    assert os.access(root / "usr/bin" / program, os.X_OK)
+    if program:
+        assert os.access(root / "usr/bin" / program, os.X_OK)
     result = run("systemd-analyze", "verify", "--man=no",
-                 str(root / FEDORA_PATHS["unitdir"].lstrip("/") / unit))
-    missing = (f"{unit}: Command /usr/bin/{program} is not executable: "
-               "No such file or directory")
+                 str(root / FEDORA_PATHS["unitdir"].lstrip("/") / unit_name))
+    # a socket unit loads its service beside it
+    missing = {f"{name}: Command /usr/bin/{prog} is not executable: "
+               "No such file or directory"
+               for name, prog in ((unit_name, program),
+                                  (DOM0_AGENT, "qubes-gpu-share-agent"))}
     other = [line for line in result.stderr.splitlines()
-             if line.strip() and line.strip() != missing]
+             if line.strip() and line.strip() not in missing]
     assert not other, result.stderr
 
 
-# --- slow: the packages ------------------------------------------------------
+# --- slow: the packages, and the packagers' linters on them -------------------
 
 def build(target: str, builddir: Path) -> subprocess.CompletedProcess:
     return run("make", "-s", "-f", str(TOP / "packaging.mk"), target,
                f"PKG_BUILDDIR={builddir}", cwd=TOP)
 
 
-@pytest.mark.slow
-def test_make_rpm_builds_both_packages_with_the_expected_files(tmp_path):
+@pytest.fixture(scope="module")
+def rpms(tmp_path_factory) -> dict[str, Path]:
+    """`make rpm`'s two packages, by side."""
     if os.geteuid() != 0 and shutil.which("rpmbuild") is None:
         pytest.skip("rpmbuild missing and cannot be installed without root")
-    result = build("rpm", tmp_path)
+    builddir = tmp_path_factory.mktemp("rpm")
+    result = build("rpm", builddir)
     assert result.returncode == 0, result.stderr[-3000:]
+    found = {}
+    for side in ("dom0", "vm"):
+        [found[side]] = (builddir / "rpm/RPMS").rglob(
+            f"qubes-gpu-share-{side}-*.rpm")
+    return found
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory) -> Path:
+    """`make deb`'s package."""
+    if os.geteuid() != 0 and shutil.which("dh") is None:
+        pytest.skip("debhelper missing and cannot be installed without root")
+    builddir = tmp_path_factory.mktemp("deb")
+    result = build("deb", builddir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [package] = (builddir / "deb").glob("qubes-gpu-share-vm_*_*.deb")
+    return package
+
+
+def rpm_entries(package: Path) -> dict[str, list[str]]:
+    """path -> [perms, user, group, link target] of every file."""
+    query = run("rpm", "-qp", "--qf",
+                "[%{FILENAMES}\t%{FILEMODES:perms}\t%{FILEUSERNAME}\t"
+                "%{FILEGROUPNAME}\t%{FILELINKTOS}\n]", str(package))
+    assert query.returncode == 0, query.stderr
+    return {line.split("\t")[0]: line.split("\t")[1:]
+            for line in query.stdout.splitlines()}
+
+
+def deb_entries(package: Path) -> tuple[set[str], dict[str, str]]:
+    """The files (not folders) of a .deb, and its symlinks' targets."""
+    listing = run("dpkg-deb", "-c", str(package))
+    assert listing.returncode == 0, listing.stderr
+    files, links = set(), {}
+    for line in listing.stdout.splitlines():
+        fields = line.split()
+        if fields[0].startswith("d"):
+            continue
+        files.add(fields[5].removeprefix("."))
+        if fields[0].startswith("l"):
+            links[fields[5].removeprefix(".")] = fields[7]
+    return files, links
+
+
+@pytest.mark.slow
+def test_make_rpm_builds_both_packages_with_the_expected_files(rpms):
     # %{python3_sitearch} of the interpreter the spec builds with
     pyver = run("/usr/bin/python3", "-c", "import sys;print('%d.%d' % "
                 "sys.version_info[:2])").stdout.strip()
     site = f"/usr/lib64/python{pyver}/site-packages"
-    for side in ("dom0", "vm"):
-        [rpm] = (tmp_path / "rpm/RPMS").rglob(f"qubes-gpu-share-{side}-*.rpm")
-        query = run("rpm", "-qp", "--qf",
-                    "[%{FILENAMES}\t%{FILEMODES:perms}\t%{FILEUSERNAME}\t"
-                    "%{FILEGROUPNAME}\t%{FILELINKTOS}\n]", str(rpm))
-        assert query.returncode == 0, query.stderr
-        entries = {line.split("\t")[0]: line.split("\t")[1:]
-                   for line in query.stdout.splitlines()}
+    for side, package in rpms.items():
+        entries = rpm_entries(package)
         files = {path for path, (perms, *_rest) in entries.items()
                  if not perms.startswith("d")}
         assert top_level(files, site) == expected_files(
@@ -269,31 +460,117 @@ def test_make_rpm_builds_both_packages_with_the_expected_files(tmp_path):
         if side == "dom0":
             assert entries["/var/lib/qubes-gpu-share"][:3] == [
                 "drwxr-x---", "qubes-gpu-share", "qubes"]
-    conflicts = run("rpm", "-qp", "--conflicts", str(rpm)).stdout
+    conflicts = run("rpm", "-qp", "--conflicts", str(rpms["vm"])).stdout
     assert "qubes-gpu-share-dom0" in conflicts
 
 
 @pytest.mark.slow
-def test_make_deb_builds_the_vm_package_with_the_expected_files(tmp_path):
-    if os.geteuid() != 0 and shutil.which("dh") is None:
-        pytest.skip("debhelper missing and cannot be installed without root")
-    result = build("deb", tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    [deb] = (tmp_path / "deb").glob("qubes-gpu-share-vm_*_*.deb")
-    listing = run("dpkg-deb", "-c", str(deb))
-    assert listing.returncode == 0, listing.stderr
-    files, links = set(), {}
-    for line in listing.stdout.splitlines():
-        fields = line.split()
-        if fields[0].startswith("d"):
-            continue
-        files.add(fields[5])
-        if fields[0].startswith("l"):
-            links[fields[5]] = fields[7]
+def test_dom0_rpm_creates_both_users_before_installing(rpms):
+    scripts = run("rpm", "-qp", "--scripts", str(rpms["dom0"])).stdout
+    pre = scripts.split("preinstall scriptlet")[1].split("scriptlet")[0]
+    for user in ("qubes-gpu-share", "qubes-gpu-share-dom0"):
+        assert re.search(rf"^u {re.escape(user)} ", pre, re.M), pre
+
+
+@pytest.mark.slow
+def test_make_deb_builds_the_vm_package_with_the_expected_files(deb):
+    files, links = deb_entries(deb)
     site = "/usr/lib/python3/dist-packages"
     assert top_level(files, site) == expected_files(
         "vm", site=site, **DEBIAN_PATHS)
     for name in VM_SERVICES:
-        assert links[f"./etc/qubes-rpc/{name}"] == AGENT_SOCK
+        assert links[f"/etc/qubes-rpc/{name}"] == AGENT_SOCK
     # the source tree is left as it was (debian/ build products cleaned)
     assert not (TOP / "debian/qubes-gpu-share-vm").exists()
+
+
+def programs_without_man_page(files: set[str]) -> set[str]:
+    pages = {Path(path).name.split(".")[0] for path in files
+             if re.match(r"/usr/share/man/man\d/[^/]+\.\d\.gz$", path)}
+    return {Path(path).name for path in files
+            if path.startswith("/usr/bin/")} - pages
+
+
+@pytest.mark.slow
+def test_every_program_has_its_man_page(rpms, deb):
+    for package in rpms.values():
+        assert not programs_without_man_page(set(rpm_entries(package)))
+    assert not programs_without_man_page(deb_entries(deb)[0])
+
+
+# The linters' findings we expect, as (tag, regex of the rest of the line,
+# why it stays). Anything else they report, error or warning, fails.
+SOCKET_SERVICE = r"/etc/qubes-rpc/qubes\.Gpu\w+ /run/qubes-gpu-share/" \
+    r"(broker|agent)\.sock"
+RPMLINT_EXPECTED = (
+    ("symlink-should-be-relative", SOCKET_SERVICE,
+     "a socket service is a symlink to its daemon's socket in /run, as "
+     "Qubes' admin.* services are to qubesd's (Fedora's rpmlint "
+     "configuration filters this tag too)"),
+    ("dangling-symlink", SOCKET_SERVICE,
+     "the socket exists while its daemon runs"),
+    ("non-standard-uid", r"/var/lib/qubes-gpu-share qubes-gpu-share",
+     "the registry is the broker's, whose system user the package creates "
+     "(sysusers, in %pre)"),
+    ("non-standard-gid",
+     r"(/etc/qubes/policy\.d/\S+\.policy|/var/lib/qubes-gpu-share) qubes",
+     "Qubes' group: policy files are root:qubes 0664 like Qubes' own; the "
+     "broker's group reads the registry"),
+    ("non-standard-dir-perm", r"/var/lib/qubes-gpu-share 750",
+     "the registry is for the broker only (its user, group qubes)"),
+    ("no-signature", r"",
+     "Qubes' builder signs the packages it publishes (Fedora's rpmlint "
+     "configuration filters this tag)"),
+    ("no-packager-tag", r"",
+     "the build system sets Packager (filtered by Fedora's configuration)"),
+    ("no-group-tag", r"",
+     "Fedora dropped the Group tag (filtered by Fedora's configuration)"),
+    ("invalid-license", r"GPL-2\.0-or-later",
+     "an SPDX identifier, which Fedora requires since 2023; Debian 12's "
+     "rpmlint 2.4 knows only the old Fedora names"),
+    ("manpage-not-compressed", r"bz2 /usr/share/man/man\d/\S+\.gz",
+     "Debian's rpmlint wants bz2; Fedora's configuration "
+     "(CompressExtension gz) wants the gzip brp-compress made"),
+    ("no-manual-page-for-binary",
+     r"(qubes-gpu-share|qubes-gpu-share-agent|qubes-gpu-share-broker|"
+     r"qvm-gpu-share)",
+     "rpmlint 2.4 (Debian 12) matches man pages by section, not by name "
+     "(fixed in 2.5); test_every_program_has_its_man_page checks them"),
+)
+LINTIAN_EXPECTED = (
+    ("initial-upload-closes-no-bugs", r"\[usr/share/doc/qubes-gpu-share-vm/"
+     r"changelog\.Debian\.gz:\d+\]",
+     "not an upload to Debian: there is no ITP bug to close (the package "
+     "ships from Qubes' repository)"),
+)
+
+
+def unexpected(findings: list[tuple[str, str]],
+               expected: tuple[tuple[str, str, str], ...]) -> list[str]:
+    """The (tag, rest) findings that no expected entry explains."""
+    return [f"{tag} {rest}".strip() for tag, rest in findings
+            if not any(tag == want and re.fullmatch(pattern, rest)
+                       for want, pattern, _why in expected)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("rpmlint") is None,
+                    reason="rpmlint is not installed (Debian package rpmlint)")
+def test_rpmlint_finds_only_the_expected(rpms):
+    result = run("rpmlint", *map(str, rpms.values()))
+    findings = re.findall(r"^\S+: [EW]: (\S+)(?: (.*))?$", result.stdout,
+                          re.M)
+    assert re.search(r"\d+ packages and 0 specfiles checked", result.stdout), \
+        result.stdout + result.stderr
+    assert not unexpected(findings, RPMLINT_EXPECTED), result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("lintian") is None,
+                    reason="lintian is not installed (Debian package lintian)")
+def test_lintian_finds_only_the_expected(deb):
+    result = run("lintian", str(deb))
+    assert result.returncode in (0, 1, 2), result.stderr
+    findings = re.findall(r"^[EW]: \S+: (\S+)(?: (.*))?$", result.stdout,
+                          re.M)
+    assert not unexpected(findings, LINTIAN_EXPECTED), result.stdout

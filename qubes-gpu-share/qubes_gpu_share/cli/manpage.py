@@ -10,8 +10,9 @@ Used at build time by ``make man`` (packaging.mk)::
 
     python3 -m qubes_gpu_share.cli.manpage OUTDIR [PROGRAM...]
 
-writes OUTDIR/qubes-gpu-share.1 and OUTDIR/qvm-gpu-share.1 (or only the
-pages of the programs named after OUTDIR).
+writes OUTDIR/PROGRAM.SECTION for every program below (or only for the
+programs named after OUTDIR): the commands in section 1, the two daemons
+(broker and agent, run by their systemd units) in section 8.
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ from collections.abc import Iterable, Sequence
 
 from .. import __version__
 
-#: (program, module with build_parser(), one line for the NAME section)
+#: (program, module with build_parser(), man section, one line for NAME)
 PAGES = (
-    ("qubes-gpu-share", "qubes_gpu_share.cli.main",
+    ("qubes-gpu-share", "qubes_gpu_share.cli.main", "1",
      "share GPU buffers between Qubes OS qubes without copying"),
-    ("qvm-gpu-share", "qubes_gpu_share.cli.admin",
+    ("qvm-gpu-share", "qubes_gpu_share.cli.admin", "1",
      "inspect and revoke GPU buffer leases between qubes (dom0)"),
+    ("qubes-gpu-share-broker", "qubes_gpu_share.broker.main", "8",
+     "the dom0 daemon that decides, records and revokes GPU buffer leases"),
+    ("qubes-gpu-share-agent", "qubes_gpu_share.agent.main", "8",
+     "the daemon that grants and maps GPU buffers in a qube (or dom0)"),
 )
 
 _HEADING = re.compile(r"^([a-z][a-z ]*):$")
@@ -91,7 +96,21 @@ def _usage(parser: argparse.ArgumentParser) -> str:
     return " ".join(parser.format_usage().split()).removeprefix("usage: ")
 
 
-def _options(actions: Iterable[argparse.Action]) -> list[str]:
+def _help(action: argparse.Action, prog: str) -> str:
+    """The option's help as --help prints it: ``%(default)s`` and the
+    like filled in (argparse.HelpFormatter._expand_help does the same)."""
+    text = action.help or ""
+    if "%" not in text:
+        return text
+    params = {name: value for name, value in vars(action).items()
+              if value is not argparse.SUPPRESS}
+    params["prog"] = prog
+    if params.get("choices") is not None:
+        params["choices"] = ", ".join(map(str, params["choices"]))
+    return text % params
+
+
+def _options(actions: Iterable[argparse.Action], prog: str) -> list[str]:
     out: list[str] = []
     for action in actions:
         if isinstance(action, argparse._SubParsersAction) \
@@ -105,7 +124,7 @@ def _options(actions: Iterable[argparse.Action]) -> list[str]:
         else:
             names = "\\fI" + _escape(str(action.metavar or action.dest)) \
                 + "\\fR"
-        out += [".TP", names, _escape(action.help or "")]
+        out += [".TP", names, _escape(_help(action, prog))]
     return out
 
 
@@ -118,7 +137,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
         for name, sub in action.choices.items():
             out += [f".SS {_bold(name)}", ".PP", _bold(_usage(sub))]
             out += _paragraphs(sub.description or "")
-            out += _options(sub._actions)
+            out += _options(sub._actions, sub.prog)
             # a subcommand's epilog is text, not top-level sections
             if sub.epilog:
                 out += _paragraphs(sub.epilog)
@@ -139,7 +158,7 @@ def render(parser: argparse.ArgumentParser, summary: str, *,
         ".SH DESCRIPTION",
         *_paragraphs(parser.description or ""),
         ".SH OPTIONS",
-        *_options(parser._actions),
+        *_options(parser._actions, prog),
         *_subcommands(parser),
         *_epilog(parser.epilog),
     ]
@@ -160,21 +179,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python3 -m qubes_gpu_share.cli.manpage",
         description="write the man pages of the project's commands")
     parser.add_argument("outdir", help="folder to write NAME.1 files into")
+    known = [prog for prog, *_ in PAGES]
+    # no `choices`: argparse (before 3.12) checks an empty list against them
     parser.add_argument("programs", nargs="*", metavar="PROGRAM",
-                        choices=[prog for prog, _, _ in PAGES],
-                        help="only these pages (default: all)")
+                        help=f"only these pages (default: all of "
+                             f"{', '.join(known)})")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.programs) - set(known))
+    if unknown:
+        parser.error(f"no page for {', '.join(unknown)}")
     os.makedirs(args.outdir, exist_ok=True)
     date = build_date()
-    for prog, module, summary in PAGES:
+    for prog, module, section, summary in PAGES:
         if args.programs and prog not in args.programs:
             continue
         command = importlib.import_module(module).build_parser()
         if command.prog != prog:
             raise SystemExit(f"{module}.build_parser() has prog "
                              f"{command.prog!r}, expected {prog!r}")
-        page = render(command, summary, date=date)
-        with open(os.path.join(args.outdir, f"{prog}.1"), "w",
+        page = render(command, summary, section=section, date=date)
+        with open(os.path.join(args.outdir, f"{prog}.{section}"), "w",
                   encoding="utf-8") as out:
             out.write(page)
     return 0
