@@ -118,7 +118,7 @@ class SimSystem:
             "--qubes", f"memory:{layout.qubes_file}",
             "--sim-router", str(layout.root),
             "--dom0-agent-socket",
-            str(layout.run_dir(DOM0) / "dom0-agent-service.sock"),
+            str(layout.run_dir(DOM0) / "service.sock"),
             *self._broker_args)
         return self._start(BROKER, argv, layout.broker_socket())
 
@@ -136,7 +136,7 @@ class SimSystem:
         if qube == DOM0:
             argv.append("--dom0")
         # app.sock comes up after the service socket (agent.sock, or
-        # dom0-agent-service.sock for dom0's agent)
+        # service.sock for dom0's agent)
         return self._start(f"agent-{qube}", argv, layout.app_socket(qube))
 
     def _start(self, name: str, argv: list[str], socket) -> SimProcess:
