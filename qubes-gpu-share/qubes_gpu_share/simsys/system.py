@@ -134,7 +134,8 @@ class SimSystem:
             "--grant", grant, "--allocator", "memfd",
             "--qrexec", f"sim:{layout.root}", *self._agent_args)
         if qube == DOM0:
-            argv.append("--dom0")
+            argv += ["--dom0", "--broker-socket",
+                     str(layout.run_dir(DOM0) / "dom0-agent.sock")]
         # app.sock comes up after the service socket (agent.sock, or
         # service.sock for dom0's agent)
         return self._start(f"agent-{qube}", argv, layout.app_socket(qube))
