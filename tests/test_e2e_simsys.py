@@ -206,9 +206,10 @@ def test_follow_model_turns_file_changes_into_qube_events(tmp_path):
         system.set_running("work", False)
         system.set_running("halted", True)
         seen = [await asyncio.wait_for(events.__anext__(), 5)
-                for _ in range(3)]
+                for _ in range(4)]
         task.cancel()
-        return [(e.kind, e.qube) for e in seen]
+        assert seen[0].kind is EventKind.CONNECTED
+        return [(e.kind, e.qube) for e in seen[1:]]
 
     assert asyncio.run(main()) == [(EventKind.PRE_SHUTDOWN, "work"),
                                    (EventKind.SHUTDOWN, "work"),
