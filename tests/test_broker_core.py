@@ -11,6 +11,7 @@ import pytest
 
 from qubes_gpu_share import protocol
 from qubes_gpu_share.broker.core import Refused
+from qubes_gpu_share.broker.follow import Follower
 from qubes_gpu_share.formats import BlobSpec, ImageSpec, ReceiveMode
 from qubes_gpu_share.lease import State
 from qubes_gpu_share.protocol import (Error, GrantRefs, LeaseRequest,
@@ -198,12 +199,12 @@ def test_consumer_release_during_a_revocation_finishes_it(tmp_path):
     assert broker.registry.provider_pages("sys-gpu") == 0
 
 
-@pytest.mark.parametrize("dead, final", [("provider", State.REVOKED),
-                                         ("consumer", State.REVOKING)])
-def test_an_agent_that_is_not_there(tmp_path, dead, final):
-    """A provider agent no one can reach holds no grants any more (they die
-    with its fds); a consumer's applications may still map: keep waiting."""
-    broker, _model, agents, _clock = make_broker(tmp_path)
+@pytest.mark.parametrize("dead", ["provider", "consumer"])
+def test_an_agent_that_is_not_there_is_no_release(tmp_path, dead):
+    """No answer is no release (issue 13): the lease stays revoking with
+    its budget held and the reason visible, retried with backoff, until
+    the side confirms or qubesd says its qube halted."""
+    broker, model, _agents, _clock = make_broker(tmp_path)
     qube = {"provider": "sys-gpu", "consumer": "work"}[dead]
     answer = run(broker.lease("work", "sys-gpu", REQUEST))
     scripted = broker.facts._service_handler
@@ -213,16 +214,34 @@ def test_an_agent_that_is_not_there(tmp_path, dead, final):
             raise ServiceCallError(f"no agent in {qube}")
         return await scripted(target, service, payload)
     broker.facts._service_handler = handler
-    lease = run(broker.revoke(answer.lease, "revoked by admin"))
-    assert lease.state == final
+
+    async def main():
+        lease = await broker.revoke(answer.lease, "revoked by admin")
+        assert lease.state == State.REVOKING
+        assert broker.registry.provider_pages("sys-gpu") == 3
+        assert f"no agent in {qube}" in broker.retries.waiting(lease.id)
+        await asyncio.sleep(0.1)  # retried meanwhile, still nobody there
+        assert broker.registry.get(lease.id).state == State.REVOKING
+        model.stop(qube)  # the next retry hears from qubesd it is halted
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if not broker.registry.get(lease.id).live:
+                break
+        return broker.registry.get(lease.id)
+
+    lease = run(main())
+    assert lease.state == State.REVOKED
+    assert broker.registry.provider_pages("sys-gpu") == 0
+    assert broker.retries.waiting(lease.id) is None
 
 
 def test_shutdown_of_the_consumer_skips_it(tmp_path):
     broker, model, agents, _clock = make_broker(tmp_path)
 
     async def main():
-        runner = asyncio.create_task(broker.run())
-        await asyncio.sleep(0)
+        follower = Follower(broker)
+        runner = asyncio.create_task(follower.run())
+        await follower.ready.wait()
         answer = await broker.lease("work", "sys-gpu", REQUEST)
         model.stop("work")
         for _ in range(100):
@@ -288,6 +307,13 @@ def test_refused_delivery_revokes_the_provider_side(tmp_path):
     assert agents.revokes(lease.id) == [("work", "provider")]
 
 
+async def _reconciled(broker):
+    """What the follower does at start (broker/follow.py)."""
+    await broker.finish_in_flight()
+    await broker.recheck("reconciled at broker start")
+    await broker.idle()
+
+
 def test_reconcile_after_a_crash(tmp_path):
     broker, model, agents, _clock = make_broker(tmp_path)
 
@@ -307,7 +333,7 @@ def test_reconcile_after_a_crash(tmp_path):
     broker2, _m, agents2, _c = make_broker(tmp_path)
     broker2.facts.stop("work")
     broker2.facts.start("work")
-    run(broker2.reconcile())
+    run(_reconciled(broker2))
     states = {i: broker2.registry.get(i).state for i in ids}
     assert states[ids[0]] == State.RELEASED
     assert states[stuck.id] == State.REVOKED

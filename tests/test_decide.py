@@ -8,13 +8,15 @@ import pytest
 
 from qubes_gpu_share.decide import (Grant, Kind, Mode, Reason, Refusal,
                                     Request, Usage, decide)
-from qubes_gpu_share.qubes.info import QubeInfo
+from qubes_gpu_share.qubes.info import POWER_RULES, PowerState, QubeInfo
 
-CONSUMER = QubeInfo("work", "AppVM", True, 7, "pvh",
+RUNNING, HALTED = PowerState.RUNNING, PowerState.HALTED
+
+CONSUMER = QubeInfo("work", "AppVM", RUNNING, 7, "pvh",
                     {"service.gpu-share": "1"})
-PROVIDER = QubeInfo("sys-gpu", "AppVM", True, 3, "hvm",
+PROVIDER = QubeInfo("sys-gpu", "AppVM", RUNNING, 3, "hvm",
                     {"service.gpu-share-provider": "1"})
-DOM0 = QubeInfo("dom0", "AdminVM", True, 0, "pv",
+DOM0 = QubeInfo("dom0", "AdminVM", RUNNING, 0, "pv",
                 {"service.gpu-share": "1",
                  "service.gpu-share-provider": "1"})
 OPT_IN = {"gpu-share-dom0": "1"}
@@ -74,7 +76,7 @@ def test_both_must_exist(side):
 @pytest.mark.parametrize("side", ["consumer", "provider"])
 def test_both_must_run(side):
     info = CONSUMER if side == "consumer" else PROVIDER
-    halted = dataclasses.replace(info, running=False, xid=-1)
+    halted = dataclasses.replace(info, power=HALTED, xid=-1)
     assert reason(run(**{side: halted})) is Reason.NOT_RUNNING
 
 
@@ -111,7 +113,7 @@ def test_consumer_needs_service():
 
 def test_provider_needs_provider_service():
     # the consumer service on the provider is not enough
-    wrong = QubeInfo("sys-gpu", "AppVM", True, 3, "hvm",
+    wrong = QubeInfo("sys-gpu", "AppVM", RUNNING, 3, "hvm",
                      {"service.gpu-share": "1"})
     assert reason(run(provider=wrong)) is Reason.SERVICE_DISABLED
 
@@ -182,8 +184,23 @@ def test_ttl_clamped_to_maximum():
 
 def test_first_failing_rule_wins():
     # a halted, service-less provider is reported as halted
-    both = QubeInfo("sys-gpu", "AppVM", False, -1, "hvm")
+    both = QubeInfo("sys-gpu", "AppVM", HALTED, -1, "hvm")
     assert reason(run(provider=both)) is Reason.NOT_RUNNING
+
+
+@pytest.mark.parametrize("power", list(PowerState))
+def test_only_a_running_qube_takes_a_new_lease(power):
+    consumer = dataclasses.replace(CONSUMER, power=power)
+    verdict = run(consumer=consumer)
+    if power is RUNNING:
+        assert isinstance(verdict, Grant)
+    elif power is PowerState.UNKNOWN:  # unknown is not "halted"
+        assert reason(verdict) is Reason.QUBES_UNAVAILABLE
+        assert "NA" in verdict.message
+    else:
+        assert reason(verdict) is Reason.NOT_RUNNING
+        assert power.value in verdict.message
+    assert POWER_RULES[power].new_lease is (power is RUNNING)
 
 
 def test_request_rejects_nonsense():

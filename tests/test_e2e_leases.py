@@ -245,7 +245,10 @@ def test_application_crash_releases_its_leases(system):
 @pytest.mark.slow
 def test_provider_crash_mid_export_fails_the_lease(system):
     """The provider's agent dies while it handles GpuExport: the consumer
-    gets a one-line error, the lease fails, the budget returns."""
+    gets a one-line error; the lease stays revoking, its budget held, while
+    nobody answers for the provider (no answer is no release); once the
+    agent is back (systemd restarts it) it confirms, and the lease fails
+    with its budget returned."""
     system.agent("sys-gpu").pause()                # stuck in the export...
     with app(system, "work") as work, \
             concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -258,9 +261,12 @@ def test_provider_crash_mid_export_fails_the_lease(system):
             pending.result(timeout=30)
     assert refused.value.code == "export-failed"
     assert "\n" not in str(refused.value)
+    time.sleep(1.5)  # the broker retried meanwhile: nobody there
+    assert states(system) == [State.REVOKING]
+    assert system.provider_pages("sys-gpu") == SMALL_PAGES
+    system.start_agent("sys-gpu")
     system.wait_until(lambda: states(system) == [State.FAILED], 30,
                       "the lease did not fail")
-    system.start_agent("sys-gpu")
     with app(system, "work") as work:              # the restarted agent
         work.lease("sys-gpu", **SMALL).close()     # serves again
 

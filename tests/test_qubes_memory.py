@@ -6,7 +6,9 @@ import json
 import pytest
 
 from qubes_gpu_share.qubes.facts import QubesFacts, ServiceCallError
-from qubes_gpu_share.qubes.info import EventKind, QubeEvent, ServiceResult
+from qubes_gpu_share.qubes.facts import QubesFactsError
+from qubes_gpu_share.qubes.info import (EventKind, PowerState, QubeEvent,
+                                        ServiceResult)
 from qubes_gpu_share.qubes.memory import MemoryQubes
 
 MODEL = {"qubes": [
@@ -82,13 +84,14 @@ def test_start_stop_emit_events_and_change_xid(model):
         first_xid = model.qube("vault").xid
         model.stop("vault")
         model.start("vault")
-        seen = [await stream.__anext__() for _ in range(4)]
+        seen = [await stream.__anext__() for _ in range(5)]
         await stream.aclose()
         return first_xid, seen, [e async for e in stream]
 
     first_xid, seen, after_close = asyncio.run(scenario())
     assert first_xid > 0 and model.qube("vault").xid not in (-1, first_xid)
-    assert seen == [QubeEvent(EventKind.START, "vault"),
+    assert seen == [QubeEvent(EventKind.CONNECTED),
+                    QubeEvent(EventKind.START, "vault"),
                     QubeEvent(EventKind.PRE_SHUTDOWN, "vault"),
                     QubeEvent(EventKind.SHUTDOWN, "vault"),
                     QubeEvent(EventKind.START, "vault")]
@@ -100,6 +103,7 @@ def test_two_streams_both_see_events_closed_one_does_not(model):
         one, two = model.events(), model.events()
         await one.aclose()
         model.stop("work")
+        assert (await two.__anext__()).kind is EventKind.CONNECTED
         return await two.__anext__(), [e async for e in one]
 
     event, rest = asyncio.run(scenario())
@@ -166,3 +170,53 @@ def test_call_service_bounds_and_errors():
     with pytest.raises(ServiceCallError, match="no qrexec router"):
         asyncio.run(call(MemoryQubes.from_dict(MODEL), max_output=10,
                          timeout=1))
+
+
+def test_every_start_is_a_new_run_and_xids_are_not_shared(model):
+    model.start("vault")
+    first = model.qube("vault").domain
+    model.stop("vault")
+    assert model.qube("vault").domain is None
+    assert model.qube("vault").gone_from(first)
+    model.start("vault", xid=first.xid)  # the same id again: another run
+    second = model.qube("vault").domain
+    assert second.xid == first.xid and second.start != first.start
+    assert not second.same_run(first) and model.qube("vault").gone_from(first)
+    with pytest.raises(ValueError, match="in use"):
+        model.stop("vault")
+        model.start("vault", xid=model.qube("work").xid)
+
+
+@pytest.mark.parametrize("power", [PowerState.PAUSED, PowerState.CRASHED,
+                                   PowerState.DYING, PowerState.UNKNOWN])
+def test_a_state_with_a_domain_is_not_gone(model, power):
+    run = model.qube("work").domain
+    model.set_power("work", power)
+    info = model.qube("work")
+    assert info.domain == run and not info.gone_from(run)
+    assert not info.running
+    model.set_power("work", PowerState.HALTED)
+    assert model.qube("work").gone_from(run)
+
+
+def test_events_lost_while_broken_then_connected_again(model):
+    async def scenario():
+        stream = model.events()
+        assert (await stream.__anext__()).kind is EventKind.CONNECTED
+        model.break_events("reset by peer")
+        model.stop("work")             # nobody hears this
+        model.restore_events()
+        model.start("vault")
+        return [await stream.__anext__() for _ in range(3)]
+
+    lost, back, start = asyncio.run(scenario())
+    assert lost == QubeEvent(EventKind.LOST, detail="reset by peer")
+    assert back == QubeEvent(EventKind.CONNECTED)
+    assert start == QubeEvent(EventKind.START, "vault")
+
+
+def test_queries_can_fail_like_qubesd(model):
+    model.query_error = "qubesd is restarting"
+    with pytest.raises(QubesFactsError, match="restarting"):
+        model.qube("work")
+    assert model.peek("work").running

@@ -166,25 +166,50 @@ def test_check_usage_finds_a_wrong_aggregate(reg):
         "provider sys-gpu: usage table (1, 4), live leases (1, 3)"]
 
 
+_V1_COLUMNS = ("id, consumer, provider, consumer_domid, provider_domid, "
+               "mode, initiator, pages, width, height, fourcc, modifier, "
+               "planes, refs, ttl, created, updated, deadline, state, reason")
+
+
+def _old_database(path: str, version: int, rows) -> None:
+    """A database at schema ``version`` holding ``rows``: (lease, state),
+    written with the columns of version 1 as a program of that time did."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    registry.migrate(conn, registry.MIGRATIONS[:version])
+    for item, state in rows:
+        values = registry._lease_row(item)[:20]
+        values = values[:13] + (registry.pack_refs(range(8, 8 + item.pages))
+                                if state != S.REQUESTED else b"",) \
+            + values[14:18] + (state.value, "old")
+        conn.execute(f"INSERT INTO leases ({_V1_COLUMNS}) VALUES "
+                     f"({', '.join('?' * 20)})", values)
+    conn.close()
+
+
 def test_migration_2_charges_the_leases_of_version_1(tmp_path):
     """A version 1 database gets a usage table equal to its sums."""
     path = str(tmp_path / "leases.db")
-    conn = sqlite3.connect(path, isolation_level=None)
-    registry.migrate(conn, registry.MIGRATIONS[:1])
-    conn.close()
-    with registry.Registry(path) as reg:
-        items = [reg.create(sample_lease(pages=n, consumer=f"app{n % 3}"))
-                 for n in range(1, 10)]
-        _walk(reg, items[0], S.FAILED)
-        _walk(reg, items[1], S.EXPORTING, S.REVOKING)
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("DROP TABLE usage")
-    conn.execute("PRAGMA user_version = 1")
-    conn.close()
+    items = [sample_lease(pages=n, consumer=f"app{n % 3}")
+             for n in range(1, 10)]
+    states = [S.FAILED, S.REVOKING] + [S.ACTIVE] * 7
+    _old_database(path, 1, zip(items, states))
     with registry.Registry(path) as reg:
         assert reg.provider_pages("sys-gpu") == sum(range(2, 10))
         assert reg.consumer_usage("app2") == (3, 2 + 5 + 8)
         assert reg.check_usage() == []
+
+
+def test_migration_3_ends_the_refs_of_ended_leases(tmp_path):
+    """Ended leases of a version 2 database lose their refs and count as
+    ended since their last change; live ones keep theirs."""
+    path = str(tmp_path / "leases.db")
+    items = [sample_lease(pages=2, consumer=f"app{n}") for n in range(3)]
+    _old_database(path, 2, zip(items, (S.RELEASED, S.ACTIVE, S.EXPIRED)))
+    with registry.Registry(path) as reg:
+        released, active, expired = (reg.get(item.id) for item in items)
+        assert released.refs == () and expired.refs == ()
+        assert active.refs == (8, 9) and active.consumer_start == ""
+        assert reg.ended_count() == 2
 
 
 def test_migration_2_lists_the_live_states():
@@ -276,6 +301,8 @@ QUERY_PARAMS = {
     "get": ("0" * 32,), "usage": ("app7", "consumer"), "usage_summed": (),
     "live_of_qube": ("app7", "app7"),
     "past_deadline": (1000.0,), "in_flight": (), "history": ("0" * 32,),
+    "live_on_domid": (7, 7), "ended_count": (), "ended_oldest": (1000,),
+    "next_deadline": (),
 }
 FILTERED_LISTS = [
     dict(consumer="app7", provider=None, state=None, live_only=False),
@@ -396,3 +423,67 @@ def test_group_commit_settles_before_anyone_else_runs(reg):
     assert ok[0].id == good.id and isinstance(refused,
                                               lease.IllegalTransition)
     assert reserved == {} and seen == [3 + 5, 3]
+
+
+# -- bounded history (issue 12: a qube cycling leases must not fill dom0) --
+
+def _cycles(reg, count: int, pages: int = 2, batch: int = 50) -> None:
+    """``count`` lease/release cycles, ``batch`` cycles per transaction."""
+    for start in range(0, count, batch):
+        items = [sample_lease(pages=pages)
+                 for _ in range(min(batch, count - start))]
+        changes = [Create(item) for item in items]
+        for item in items:
+            changes += [Transition(item.id, S.EXPORTING, "x"),
+                        Transition(item.id, S.ACTIVE, "x",
+                                   tuple(range(8, 8 + pages))),
+                        Transition(item.id, S.RELEASING, "x"),
+                        Transition(item.id, S.RELEASED, "x")]
+        reg.apply(changes)
+
+
+def test_prune_keeps_the_newest_and_the_recent(reg):
+    _cycles(reg, 30, batch=1)  # each cycle its own commit: its own time
+    live = reg.create(sample_lease())
+    assert reg.ended_count() == 30
+    ended = sorted(reg.leases(state=S.RELEASED), key=lambda l: l.updated)
+    # by count: the 10 newest stay, with their events
+    assert reg.prune(10**9, keep_seconds=10**9, keep_leases=10) == 20
+    kept = reg.leases(state=S.RELEASED)
+    assert {l.id for l in kept} == {l.id for l in ended[-10:]}
+    assert reg.history(ended[0].id) == [] and len(reg.history(kept[0].id)) == 5
+    # by age: ended before now - keep_seconds
+    newest = max(l.updated for l in kept)
+    assert reg.prune(newest + 1, keep_seconds=0.5, keep_leases=100) == 10
+    assert reg.ended_count() == 0 and reg.get(live.id).live
+    # in batches
+    _cycles(reg, 25, batch=1)
+    assert reg.prune(10**9, keep_seconds=0, keep_leases=0, batch=10) == 10
+    assert reg.ended_count() == 15
+
+
+def _disk_bytes(path: str) -> int:
+    import os
+    return sum(os.path.getsize(path + suffix) for suffix in ("", "-wal")
+               if os.path.exists(path + suffix))
+
+
+@pytest.mark.slow
+def test_database_stays_flat_under_endless_cycles(tmp_path):
+    """8,192-page leases cycled with pruning: after warm-up the database
+    and its WAL stop growing (docs/registry.md; bench/bench_registry.py
+    measures 100,000 cycles)."""
+    path = str(tmp_path / "leases.db")
+    clock = iter(range(1, 10**9))
+    with registry.Registry(path, clock=lambda: float(next(clock))) as reg:
+        sizes = []
+        for _ in range(12):
+            _cycles(reg, 250, pages=8192, batch=25)
+            while reg.prune(10**9, keep_seconds=10**9, keep_leases=200) \
+                    == 1000:
+                pass
+            sizes.append(_disk_bytes(path))
+        assert reg.ended_count() == 200
+    warm = sizes[3:]
+    assert max(warm) - min(warm) <= 64 * 1024, sizes
+    assert max(warm) < 16 << 20, sizes

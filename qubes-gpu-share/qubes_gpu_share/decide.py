@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 from . import limits
 from .formats import MOD_LINEAR
-from .qubes.info import QubeInfo
+from .qubes.info import PowerState, QubeInfo
 
 
 class Kind(str, enum.Enum):
@@ -49,7 +49,8 @@ class Reason(str, enum.Enum):
     QUOTA_LEASES = "quota-leases"
     QUOTA_PAGES = "quota-pages"
     BUDGET = "budget"
-    #: not produced here: the broker's answer when qubesd cannot tell
+    #: qubesd cannot tell (here: power state NA; in the broker: qubesd
+    #: unreachable, or its events connection down)
     QUBES_UNAVAILABLE = "qubes-unavailable"
 
 
@@ -147,9 +148,14 @@ def _check_parties(request: Request, consumer: QubeInfo | None,
                              ("provider", request.provider, provider)):
         if info is None:
             raise _Refused(Reason.NO_SUCH_QUBE, f"no {role} qube {name}")
-        if not info.running or info.xid < 0:
+        if info.power is PowerState.UNKNOWN:
+            raise _Refused(Reason.QUBES_UNAVAILABLE,
+                           f"qubesd does not say whether {role} {name} "
+                           f"runs (power state NA)")
+        if not info.running:
             raise _Refused(Reason.NOT_RUNNING,
-                           f"{role} {name} is not running")
+                           f"{role} {name} is not running (power state "
+                           f"{info.power.value})")
 
 
 def _check_dom0(request: Request, consumer: QubeInfo, provider: QubeInfo,

@@ -125,6 +125,10 @@ class Lease:
     ``refs`` are empty until the lease becomes active. ``reason`` is the
     reason given for the latest transition: for a final lease, why it ended.
     Times are seconds since the epoch; ``deadline`` = ``created`` + ``ttl``.
+    ``consumer_start``/``provider_start`` tell the run of each side's
+    domain from a later one with the same domain id (qubesd's start_time;
+    empty when unknown). A final lease keeps no refs: they name grants that
+    no longer exist.
     """
 
     id: str
@@ -142,6 +146,8 @@ class Lease:
     state: State = INITIAL
     refs: tuple[int, ...] = ()
     reason: str = ""
+    consumer_start: str = ""
+    provider_start: str = ""
 
     @property
     def live(self) -> bool:
@@ -156,7 +162,8 @@ class Lease:
 def new_lease(*, lease_id: str, consumer: str, provider: str,
               consumer_domid: int, provider_domid: int, mode: ReceiveMode,
               initiator: Initiator, meta: BufferMeta, ttl: int, now: float,
-              reason: str = "requested") -> Lease:
+              reason: str = "requested", consumer_start: str = "",
+              provider_start: str = "") -> Lease:
     """A lease in its initial state, with its invariants checked.
 
     The inputs come from the broker after it validated the request; the
@@ -169,7 +176,8 @@ def new_lease(*, lease_id: str, consumer: str, provider: str,
                   mode=ReceiveMode(mode), initiator=Initiator(initiator),
                   meta=validate_meta(meta, allowed_modifiers=None),
                   ttl=ttl, created=now, updated=now, deadline=now + ttl,
-                  reason=reason)
+                  reason=reason, consumer_start=_run_id(consumer_start),
+                  provider_start=_run_id(provider_start))
     if lease.consumer == lease.provider:
         raise InvalidLease("consumer and provider are the same qube")
     for domid in (consumer_domid, provider_domid):
@@ -194,9 +202,24 @@ def advance(lease: Lease, new: State, *, reason: str, now: float,
         raise InvalidLease(f"refs given for a move to {new.value}")
     if not reason:
         raise InvalidLease("a transition needs a reason")
-    return dataclasses.replace(
-        lease, state=new, reason=reason, updated=now,
-        refs=tuple(refs) if new == State.ACTIVE else lease.refs)
+    if new == State.ACTIVE:
+        kept = tuple(refs)
+    else:
+        kept = () if new in FINAL else lease.refs
+    return dataclasses.replace(lease, state=new, reason=reason, updated=now,
+                               refs=kept)
+
+
+#: qubesd's start_time is a decimal number of seconds; room to spare.
+MAX_RUN_ID = 40
+
+
+def _run_id(value: str) -> str:
+    if len(value) > MAX_RUN_ID or not value.isascii() or \
+            not value.isprintable():
+        raise InvalidLease(f"run id {value[:MAX_RUN_ID]!r} is not a short "
+                           f"printable ASCII word")
+    return value
 
 
 def _check_refs(refs: Sequence[int], pages: int) -> None:

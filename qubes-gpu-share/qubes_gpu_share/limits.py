@@ -142,6 +142,20 @@ FEATURES = tuple(s.feature for s in INT_SETTINGS) + (
 
 
 @dataclasses.dataclass(frozen=True)
+class History:
+    """How much of the past the registry keeps: ended leases (with their
+    events) for ``seconds`` after they ended, and at most the ``leases``
+    newest of them, whichever is smaller. The journal is the long-term
+    audit trail; the registry keeps what ``qvm-gpu-share show`` needs for
+    recent leases, and must not grow with every lease a qube ever made.
+    At about 1 KiB per ended lease and its events, 10,000 is ~10 MiB.
+    Changed with the broker's --history-days / --history-leases."""
+
+    seconds: float = 7 * 86_400
+    leases: int = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
 class ProviderLimits:
     """What protects one provider's grant table."""
 

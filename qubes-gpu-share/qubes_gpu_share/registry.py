@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import sqlite3
 import struct
 import time
@@ -34,6 +35,10 @@ from .formats import BufferMeta, Plane, ReceiveMode
 from .lease import Initiator, Lease, State
 
 DEFAULT_PATH = "/var/lib/qubes-gpu-share/leases.db"
+#: SQLite's automatic checkpoint, in pages (its default), and the size the
+#: WAL is truncated to after a checkpoint (docs/registry.md).
+WAL_CHECKPOINT_PAGES = 1000
+WAL_LIMIT_BYTES = 4 << 20
 
 #: Schema migrations, in order: migration N (1-based) brings the database
 #: from user_version N-1 to N. Append, never edit a released one.
@@ -98,6 +103,21 @@ MIGRATIONS: list[str] = [
                         'revoking')
         GROUP BY provider;
     """,
+    # 3: the run of each side's domain (a domain id alone can be reused),
+    # the leases bound to a domain id (to end them when another domain
+    # gets it), and when a lease ended (ended leases are kept for a
+    # bounded time and count, then deleted with their events). Ended
+    # leases keep no refs.
+    """
+    ALTER TABLE leases ADD COLUMN consumer_start TEXT NOT NULL DEFAULT '';
+    ALTER TABLE leases ADD COLUMN provider_start TEXT NOT NULL DEFAULT '';
+    ALTER TABLE leases ADD COLUMN ended REAL;
+    UPDATE leases SET ended = updated, refs = x''
+        WHERE state IN ('expired', 'failed', 'released', 'revoked');
+    CREATE INDEX leases_consumer_domid ON leases (consumer_domid, state);
+    CREATE INDEX leases_provider_domid ON leases (provider_domid, state);
+    CREATE INDEX leases_ended ON leases (ended) WHERE ended IS NOT NULL;
+    """,
 ]
 
 _LIVE = tuple(sorted(s.value for s in lease_mod.LIVE))
@@ -133,17 +153,38 @@ QUERIES: dict[str, str] = {
     "history":
         "SELECT time, old_state, new_state, reason FROM events "
         "WHERE lease_id = ? ORDER BY seq",
+    "live_on_domid":
+        f"SELECT * FROM leases WHERE consumer_domid = ? "
+        f"AND state IN {_in(_LIVE)} "
+        "UNION ALL "
+        f"SELECT * FROM leases WHERE provider_domid = ? "
+        f"AND state IN {_in(_LIVE)}",
+    "ended_oldest":
+        "SELECT id, ended FROM leases WHERE ended IS NOT NULL "
+        "ORDER BY ended LIMIT ?",
+    "ended_count":
+        "SELECT count(*) FROM leases WHERE ended IS NOT NULL",
+    # one index probe per expirable state (min over an IN list would scan)
+    "next_deadline":
+        "SELECT min(d) FROM ("
+        + " UNION ALL ".join(
+            f"SELECT min(deadline) AS d FROM leases WHERE state = '{state}'"
+            for state in _EXPIRABLE) + ")",
 }
 
 _INSERT_LEASE = (
     "INSERT INTO leases (id, consumer, provider, consumer_domid, "
     "provider_domid, mode, initiator, pages, width, height, fourcc, modifier, "
-    "planes, refs, ttl, created, updated, deadline, state, reason) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    "planes, refs, ttl, created, updated, deadline, state, reason, "
+    "consumer_start, provider_start) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+#: refs: set once (active), emptied at the end (the grants are gone)
 _UPDATE_LEASE = (
     "UPDATE leases SET state = ?, reason = ?, updated = ?, "
-    "refs = coalesce(?, refs) "
+    "refs = coalesce(?, refs), ended = ? "
     "WHERE id = ?")
+_DELETE_EVENTS = "DELETE FROM events WHERE lease_id = ?"
+_DELETE_LEASE = "DELETE FROM leases WHERE id = ?"
 _CHARGE_USAGE = (
     "INSERT INTO usage (qube, side, leases, pages) VALUES (?, ?, 1, ?) "
     "ON CONFLICT (qube, side) DO UPDATE SET "
@@ -222,7 +263,7 @@ def _lease_row(lease: Lease) -> tuple:
             meta.pages, meta.width, meta.height, meta.fourcc, meta.modifier,
             pack_planes(meta.planes), pack_refs(lease.refs), lease.ttl,
             lease.created, lease.updated, lease.deadline, lease.state.value,
-            lease.reason)
+            lease.reason, lease.consumer_start, lease.provider_start)
 
 
 def _lease_from_row(row: sqlite3.Row) -> Lease:
@@ -238,7 +279,8 @@ def _lease_from_row(row: sqlite3.Row) -> Lease:
                  meta=meta, ttl=row["ttl"], created=row["created"],
                  updated=row["updated"], deadline=row["deadline"],
                  state=State(row["state"]), refs=unpack_refs(row["refs"]),
-                 reason=row["reason"])
+                 reason=row["reason"], consumer_start=row["consumer_start"],
+                 provider_start=row["provider_start"])
 
 
 def migrate(conn: sqlite3.Connection,
@@ -301,6 +343,12 @@ class Registry:
         self._conn.execute("PRAGMA synchronous = FULL")
         self._conn.execute("PRAGMA foreign_keys = ON")
         self._conn.execute("PRAGMA busy_timeout = 5000")
+        # The WAL is checkpointed every WAL_CHECKPOINT_PAGES (SQLite's
+        # automatic checkpoint) and cut back to WAL_LIMIT_BYTES after each
+        # one; without the limit it keeps its largest size forever.
+        self._conn.execute(f"PRAGMA wal_autocheckpoint = "
+                           f"{WAL_CHECKPOINT_PAGES:d}")
+        self._conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES:d}")
         migrate(self._conn)
 
     def close(self) -> None:
@@ -341,9 +389,12 @@ class Registry:
         old = self._get(change.lease_id)
         new = lease_mod.advance(old, change.state, reason=change.reason,
                                 now=now, refs=change.refs)
-        refs = pack_refs(new.refs) if new.state == State.ACTIVE else None
+        final = new.state in lease_mod.FINAL
+        refs = pack_refs(new.refs) if new.state == State.ACTIVE or final \
+            else None
         self._conn.execute(_UPDATE_LEASE, (new.state.value, new.reason,
-                                           new.updated, refs, new.id))
+                                           new.updated, refs,
+                                           now if final else None, new.id))
         self._event(new.id, now, old.state, new.state, new.reason)
         if old.live != new.live:
             self._charge(new, 1 if new.live else -1)
@@ -433,6 +484,41 @@ class Registry:
                 for qube, side in sorted(stored.keys() | summed.keys())
                 if stored.get((qube, side), (0, 0))
                 != summed.get((qube, side), (0, 0))]
+
+    def live_on_domid(self, domid: int) -> list[Lease]:
+        """Live leases with a side bound to domain id ``domid``."""
+        return self._select(QUERIES["live_on_domid"], (domid, domid))
+
+    def ended_count(self) -> int:
+        """How many ended leases are kept (history, for ``show``)."""
+        return self._conn.execute(QUERIES["ended_count"]).fetchone()[0]
+
+    def prune(self, now: float, *, keep_seconds: float, keep_leases: int,
+              batch: int = 1000) -> int:
+        """Forget ended leases with their events: those that ended more
+        than ``keep_seconds`` ago, and the oldest beyond the newest
+        ``keep_leases``; at most ``batch`` in one transaction (the caller
+        calls again while it returns ``batch``). Returns how many.
+
+        The registry must not grow with the number of leases ever made: a
+        qube looping lease/release would fill dom0's disk. The journal
+        keeps the long-term trail (broker/audit.py)."""
+        cutoff = now - keep_seconds
+        with _transaction(self._conn):
+            excess = self.ended_count() - keep_leases
+            ids = []
+            for row in self._conn.execute(QUERIES["ended_oldest"], (batch,)):
+                if len(ids) >= excess and row[1] >= cutoff:
+                    break  # oldest first: the rest are kept too
+                ids.append((row[0],))
+            self._conn.executemany(_DELETE_EVENTS, ids)
+            self._conn.executemany(_DELETE_LEASE, ids)
+        return len(ids)
+
+    def next_deadline(self) -> float | None:
+        """The nearest deadline of an expirable lease (None: none), from
+        the index: the expiry timer never reads the leases themselves."""
+        return self._conn.execute(QUERIES["next_deadline"]).fetchone()[0]
 
     def past_deadline(self, now: float) -> list[Lease]:
         """Leases whose TTL ran out and that are not already ending."""

@@ -107,7 +107,7 @@ class AdminApi:
                        | set(self._with_service()))
         providers, consumers = [], []
         for name in qubes:
-            features = self._features(name)
+            features = await self._features(name)
             try:
                 plim = limits.provider_limits(features)
                 clim = limits.consumer_limits(features)
@@ -126,7 +126,7 @@ class AdminApi:
         return {"providers": providers, "consumers": consumers}
 
     async def op_settings(self, qube: str):
-        features = self._features(_qube(qube), must_exist=True)
+        features = await self._features(_qube(qube), must_exist=True)
         settings = [{"feature": s.feature, "where": s.where,
                      "value": features.get(s.feature), "default": s.default,
                      "doc": s.doc} for s in limits.INT_SETTINGS]
@@ -141,9 +141,9 @@ class AdminApi:
         except (InvalidName, UnknownLease):
             raise AdminError(f"no lease {str(untrusted_id)[:40]}") from None
 
-    def _features(self, name: str, must_exist: bool = False):
+    async def _features(self, name: str, must_exist: bool = False):
         try:
-            info = self.broker.facts.qube(name)
+            info = await self.broker.facts.describe(name)
         except QubesFactsError as exc:
             raise AdminError(str(exc)) from None
         if info is None and must_exist:

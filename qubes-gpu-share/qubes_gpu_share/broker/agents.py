@@ -16,6 +16,7 @@ only when the agent clearly said no (so it holds nothing for this call).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 
 from .. import protocol
@@ -29,8 +30,14 @@ from ..qubes.facts import QubesFacts, QubesFactsError
 EXPORT = "qubes.GpuExport"
 DELIVER = "qubes.GpuDeliver"
 REVOKE = "qubes.GpuRevoke"
-#: dom0's agent socket (the dom0 agent serves its services there).
-DOM0_AGENT_SOCKET = "/run/qubes-gpu-share/dom0-agent-service.sock"
+#: dom0's agent socket (the dom0 agent, its own user, serves there).
+DOM0_AGENT_SOCKET = "/run/qubes-gpu-share-dom0/service.sock"
+#: Calls in flight at once, to one qube and in all. A qube whose agent
+#: never answers holds at most PER_QUBE of them (each until its deadline);
+#: the others wait for a slot within their own deadline, and every other
+#: qube's calls go on (docs/broker.md, "What a qube can make dom0 spend").
+PER_QUBE = 4
+IN_ALL = 64
 
 
 class AgentError(Exception):
@@ -86,10 +93,16 @@ class Agents:
 
     def __init__(self, facts: QubesFacts, *,
                  dom0_socket: str = DOM0_AGENT_SOCKET,
-                 timeouts: Timeouts = Timeouts()):
+                 timeouts: Timeouts = Timeouts(), per_qube: int = PER_QUBE,
+                 in_all: int = IN_ALL):
         self._facts = facts
         self._dom0_socket = dom0_socket
         self.timeouts = timeouts
+        self._per_qube = per_qube
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._all = asyncio.Semaphore(in_all)
+        #: calls under way or waiting for a slot, per qube
+        self.pending: collections.Counter[str] = collections.Counter()
 
     async def export(self, provider: str, request: ExportRequest) -> GrantRefs:
         """Ask ``provider`` to allocate and grant; one ref per page."""
@@ -117,17 +130,13 @@ class Agents:
 
     async def _call(self, qube: str, service: str, message, expected: type,
                     max_len: int, timeout: float):
+        """One call with its deadline, waiting for a slot included."""
         payload = protocol.encode(message)
         max_output = max_len + len(reply.OK_PREFIX)
+        self.pending[qube] += 1
         try:
-            if qube == DOM0:
-                status, untrusted_output = await asyncio.wait_for(
-                    self._call_dom0(service, payload, max_output), timeout)
-            else:
-                result = await self._facts.call_service(
-                    qube, service + "+", payload, max_output=max_output,
-                    timeout=timeout)
-                status, untrusted_output = result.status, result.output
+            status, untrusted_output = await asyncio.wait_for(
+                self._in_slot(qube, service, payload, max_output), timeout)
             call.raise_for_status(status, qube, service)
         except asyncio.TimeoutError:
             raise AgentError("timeout", f"{service} in {qube} did not "
@@ -136,7 +145,27 @@ class Agents:
                 stream.StreamError) as exc:
             raise AgentError("unreachable", f"{service} in {qube}: "
                              f"{protocol.one_line(exc)}") from None
+        finally:
+            self.pending[qube] -= 1
+            if not self.pending[qube]:
+                del self.pending[qube]
         return parse_answer(untrusted_output, expected, max_len=max_len)
+
+    async def _in_slot(self, qube: str, service: str, payload: bytes,
+                       max_output: int) -> tuple[int, bytes]:
+        slots = self._slots.setdefault(qube,
+                                       asyncio.Semaphore(self._per_qube))
+        try:
+            async with slots, self._all:
+                if qube == DOM0:
+                    return await self._call_dom0(service, payload, max_output)
+                result = await self._facts.call_service(
+                    qube, service + "+", payload, max_output=max_output,
+                    timeout=None)
+                return result.status, result.output
+        finally:
+            if qube not in self.pending or self.pending[qube] <= 1:
+                self._slots.pop(qube, None)
 
     async def _call_dom0(self, service: str, payload: bytes,
                          max_output: int) -> tuple[int, bytes]:

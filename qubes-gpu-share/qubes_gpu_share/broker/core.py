@@ -2,8 +2,9 @@
 
 No I/O of its own besides the registry and the agents (:mod:`.agents`):
 the socket services (:mod:`.services`) and the admin socket (:mod:`.admin`)
-decode what arrives and call in here. The broker never touches buffer
-memory; it relays integers and metadata.
+decode what arrives and call in here; :mod:`.follow` feeds it qubesd's
+events and runs the expiry timer. The broker never touches buffer memory;
+it relays integers and metadata.
 
 Durable points (docs/broker.md): a pull or offer records
 ``requested+exporting`` in one commit before the provider is asked, then
@@ -12,24 +13,25 @@ before the provider is asked and ``released`` after it confirmed. All go
 through one :class:`GroupCommit`, so concurrent requests share commits.
 
 Ending a lease follows the release order Xen imposes: the consumer lets go
-and confirms first, only then the provider releases. A side whose qube is
-not running (or runs under another domain id than the one granted) is
-skipped: a dead domain maps nothing. A side that does not confirm leaves the
-lease ``releasing``/``revoking`` with its budget held; it is retried with
-exponential backoff until it confirms.
+and confirms first, only then the provider releases. The broker never acts
+on a guess (docs/broker.md, "What ends a side's part"): a side's part ends
+only with its own confirmation, or when qubesd says its domain is gone
+(halted, or running as another domain; a domain id now held by another
+domain). A timeout, an error, a garbled answer, a paused or crashed qube,
+or a state qubesd does not give leave the lease ``releasing``/``revoking``
+with its budget held; it is retried with backoff (:mod:`.retries`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
-from .. import decide, formats, protocol
+from .. import decide, formats, limits, protocol
 from ..decide import Kind
 from ..formats import BufferMeta, ReceiveMode
 from ..lease import FINAL, Initiator, Lease, State, new_lease
@@ -38,10 +40,11 @@ from ..names import DOM0, InvalidName, new_lease_id, parse_lease_id, \
 from ..protocol import (ExportRequest, GrantRefs, LeaseAnswer, LeaseEntry,
                         LeaseList, Role, RevokeStatus)
 from ..qubes.facts import QubesFacts, QubesFactsError
-from ..qubes.info import EventKind, QubeInfo
+from ..qubes.info import Domain, QubeInfo
 from ..registry import Create, GroupCommit, Registry, Transition, UnknownLease
 from . import audit
 from .agents import AgentError, Agents
+from .retries import Retries
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ Exporter = Callable[[ExportRequest], Awaitable[GrantRefs]]
 TTL_REASON = "ttl expired"
 #: How offered leases are received: cpu works in every qube (DESIGN.md).
 OFFER_MODE = ReceiveMode.CPU
+#: Ended leases are pruned from the registry after this many more ended.
+PRUNE_EVERY = 100
 
 
 class Refused(Exception):
@@ -77,23 +82,31 @@ class Broker:
 
     def __init__(self, registry: Registry, facts: QubesFacts, agents: Agents,
                  *, clock: Callable[[], float] = time.time,
-                 retry_base: float = 1.0, retry_max: float = 60.0):
+                 retry_base: float = 1.0, retry_max: float = 60.0,
+                 history: limits.History = limits.History()):
         self.registry = registry
         self.facts = facts
         self.agents = agents
         self.commits = GroupCommit(registry)
-        self._clock = clock
-        self._retry_base = retry_base
-        self._retry_max = retry_max
+        self.history = history
+        self.clock = clock
         self._admission = asyncio.Lock()
         #: admitted, not yet committed: (what, qube) -> leases or pages
         self._admitted: collections.Counter = collections.Counter()
         self._locks: dict[str, asyncio.Lock] = {}
-        self._attempts: dict[str, int] = {}
         self._finals: dict[str, State] = {}
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        #: (lease, role) whose domain is known gone: its domain id was seen
+        #: held by another domain (a later run, or another qube)
+        self._gone: set[tuple[str, Role]] = set()
+        self.retries = Retries(self._retry, base=retry_base,
+                               maximum=retry_max)
         self._tasks: set[asyncio.Task] = set()
-        self._deadline_changed = asyncio.Event()
+        self._ended = 0
+        #: whether qubesd's events are heard and every live lease was
+        #: checked against fresh facts since (set by .follow.Follower)
+        self.trusted = lambda: False
+        #: wakes the expiry timer when a new deadline may be nearer
+        self.deadline_changed = asyncio.Event()
 
     # -- requests from qubes -------------------------------------------------
 
@@ -164,27 +177,53 @@ class Broker:
     async def expire_due(self) -> list[Lease]:
         """Revoke the leases whose TTL ran out."""
         return await self._revoke_all(
-            (lease.id for lease in self.registry.past_deadline(self._clock())),
+            (lease.id for lease in self.registry.past_deadline(self.clock())),
             TTL_REASON)
 
-    async def reconcile(self) -> list[Lease]:
-        """At start: finish what a crash left in flight (lease.py's table),
-        and revoke active leases whose qubes are gone or restarted."""
+    async def finish_in_flight(self) -> None:
+        """At start: finish in the background what a crash left in flight
+        (lease.py's table); nothing else drives those leases."""
         ids = [lease.id for lease in self.registry.in_flight()]
-        ids += [lease.id for lease in self.registry.leases(state=State.ACTIVE)
-                if not self._both_alive(lease)]
-        log.info("reconciling %d leases", len(ids))
-        return await self._revoke_all(ids, "reconciled at broker start")
+        log.info("finishing %d leases a previous broker left in flight",
+                 len(ids))
+        for lease_id in ids:
+            self.spawn(self.revoke(lease_id, "reconciled at broker start"))
 
-    async def run(self) -> None:
-        """Follow qube events and expire leases, until cancelled."""
-        events = self.facts.events()
-        try:
-            await asyncio.gather(self._follow(events), self._expire_loop())
-        finally:
-            await events.aclose()
-            for timer in self._timers.values():
-                timer.cancel()
+    async def recheck(self, why: str) -> int:
+        """Check every active lease against fresh facts and start ending
+        those a side of which is gone or ending (shut down, crashed...).
+
+        Runs at start and after every (re)connection of the events stream:
+        what happened while nobody listened is unknown. Raises
+        QubesFactsError when qubesd cannot answer (nothing is ended on a
+        guess); returns how many leases it started to end."""
+        infos: dict[str, QubeInfo | None] = {}
+        ending = []
+        for lease in self.registry.leases(state=State.ACTIVE):
+            for name in (lease.consumer, lease.provider):
+                if name not in infos:
+                    infos[name] = await self.facts.describe(name)
+            if not all(_keeps(infos[qube], domain)
+                       for qube, domain in _sides(lease)):
+                ending.append(lease.id)
+        for lease_id in ending:
+            self.spawn(self.revoke(lease_id, why))
+        return len(ending)
+
+    async def domain_started(self, qube: str) -> None:
+        """``qube`` started: every live lease bound to its domain id under
+        another name or an earlier run ends (that domain is gone: Xen gives
+        an id to one domain at a time), as do its own leases from earlier
+        runs. Admission refuses the new domain until they ended."""
+        info = await self.facts.describe(qube)
+        if info is None or info.domain is None:
+            return
+        stale = self._stale_on(info)
+        stale += [lease for lease in self.registry.live_of_qube(qube)
+                  if lease not in stale
+                  and any(name == qube and info.gone_from(domain)
+                          for name, domain in _sides(lease))]
+        await self._supersede(info, stale)
 
     # -- the grant cycle -------------------------------------------------------
 
@@ -213,21 +252,25 @@ class Broker:
                      provider: str, meta: BufferMeta, mode: ReceiveMode,
                      ttl: int) -> Lease:
         """decide.py's verdict; if granted, requested+exporting in one
-        commit. Serialised, so that two requests never both fit into the
-        last free pages of one budget."""
+        commit. The facts are read first (qubesd, off the loop); the rest
+        is serialised, so that two requests never both fit into the last
+        free pages of one budget."""
+        about = dict(consumer=consumer, provider=provider, pages=meta.pages)
+        infos = await self._facts_for(consumer, provider, about)
         async with self._admission:
+            self._check_trusted(about)
             verdict = self._decide(caller, kind, consumer, provider, meta,
-                                   mode, ttl)
+                                   mode, ttl, infos)
             if isinstance(verdict, decide.Refusal):
-                raise Refused(verdict.reason.value, verdict.message,
-                              consumer=consumer, provider=provider,
-                              pages=meta.pages)
+                raise Refused(verdict.reason.value, verdict.message, **about)
+            self._check_domains(infos[:2], about)
             lease = new_lease(
                 lease_id=new_lease_id(), consumer=consumer, provider=provider,
                 consumer_domid=verdict.consumer_xid,
                 provider_domid=verdict.provider_xid, mode=mode,
                 initiator=Initiator(kind.value), meta=meta, ttl=verdict.ttl,
-                now=self._clock(), reason=f"{kind.value} by {caller}")
+                now=self.clock(), reason=f"{kind.value} by {caller}",
+                consumer_start=infos[0].start, provider_start=infos[1].start)
             # counted by admission until the registry counts it, so that
             # the commit (an fsync) need not hold the admission lock
             self._unsettled(lease, 1)
@@ -236,9 +279,64 @@ class Broker:
             Transition(lease.id, State.EXPORTING,
                        f"export asked of {provider}")],
             settled=functools.partial(self._unsettled, lease, -1)))[-1]
-        self._deadline_changed.set()
+        self.deadline_changed.set()
         _audit("granted", lease, f"{kind.value} by {caller}")
         return lease
+
+    async def _facts_for(self, consumer: str, provider: str,
+                         about: dict) -> tuple:
+        """(consumer, provider, dom0) as qubesd describes them now."""
+        self._check_trusted(about)
+        try:
+            return tuple(await asyncio.gather(
+                *(self.facts.describe(name)
+                  for name in (consumer, provider, DOM0))))
+        except QubesFactsError as exc:
+            raise Refused(decide.Reason.QUBES_UNAVAILABLE.value, str(exc),
+                          **about) from None
+
+    def _check_trusted(self, about: dict) -> None:
+        if not self.trusted():
+            raise Refused(decide.Reason.QUBES_UNAVAILABLE.value,
+                          "qubes events unavailable: the broker grants "
+                          "nothing until it hears qubesd again", **about)
+
+    def _check_domains(self, infos: Iterable[QubeInfo], about: dict) -> None:
+        """A domain id that still has live leases of an earlier domain gets
+        nothing new until those ended (they are being ended now)."""
+        for info in infos:
+            stale = self._stale_on(info)
+            if stale:
+                self.spawn(self._supersede(info, stale))
+                raise Refused(
+                    "domain-reused",
+                    f"domain id {info.xid} of {info.name} still has "
+                    f"{len(stale)} lease(s) of an earlier domain, being "
+                    f"revoked; try again", **about)
+
+    def _stale_on(self, info: QubeInfo) -> list[Lease]:
+        """Live leases bound to ``info``'s domain id under another name or
+        an earlier run."""
+        current = info.domain
+        if current is None:
+            return []
+        return [lease for lease in self.registry.live_on_domid(current.xid)
+                if any(domain.xid == current.xid
+                       and not (name == info.name
+                                and domain.same_run(current))
+                       for name, domain in _sides(lease))]
+
+    async def _supersede(self, owner: QubeInfo, stale: list[Lease]) -> None:
+        """End leases whose side's domain id ``owner`` now holds."""
+        for lease in stale:
+            for role, (name, domain) in zip((Role.CONSUMER, Role.PROVIDER),
+                                            _sides(lease)):
+                if domain.xid == owner.xid and not (
+                        name == owner.name and domain.same_run(owner.domain)):
+                    self._gone.add((lease.id, role))
+        await self._revoke_all(
+            [lease.id for lease in stale],
+            f"domain id {owner.xid} now belongs to {owner.name}")
 
     def _unsettled(self, lease: Lease, sign: int) -> None:
         """Count (1) or stop counting (-1) an admitted lease's charge."""
@@ -249,13 +347,8 @@ class Broker:
             sign * lease.pages
 
     def _decide(self, caller: str, kind: Kind, consumer: str, provider: str,
-                meta: BufferMeta, mode: ReceiveMode, ttl: int):
-        try:
-            consumer_info = self.facts.qube(consumer)
-            provider_info = self.facts.qube(provider)
-            dom0 = self.facts.qube(DOM0)
-        except QubesFactsError as exc:
-            return decide.Refusal(decide.Reason.QUBES_UNAVAILABLE, str(exc))
+                meta: BufferMeta, mode: ReceiveMode, ttl: int, infos: tuple):
+        consumer_info, provider_info, dom0 = infos
         leases, pages = self.registry.consumer_usage(consumer)
         held = self._admitted
         usage = decide.Usage(
@@ -294,12 +387,8 @@ class Broker:
     # -- ending, in the safe order --------------------------------------------
 
     async def _finish(self, lease: Lease, *, reason: str = "",
-                      ask_consumer: bool = True,
-                      final: State | None = None) -> Lease:
-        """Drive a lease towards its end; the caller holds its lock.
-        ``final`` overrides the end state (kept for retries)."""
-        if final is not None:
-            self._finals[lease.id] = final
+                      ask_consumer: bool = True) -> Lease:
+        """Drive a lease towards its end; the caller holds its lock."""
         if lease.state in FINAL:
             return lease
         if lease.state == State.REQUESTED:
@@ -307,11 +396,9 @@ class Broker:
         if lease.state in (State.EXPORTING, State.ACTIVE):
             lease = await self._move(lease, State.REVOKING, reason)
         if lease.state == State.REVOKING and ask_consumer and lease.refs \
-                and not await self._let_go(lease, lease.consumer,
-                                           lease.consumer_domid, Role.CONSUMER):
+                and not await self._side_done(lease, Role.CONSUMER):
             return lease
-        if not await self._let_go(lease, lease.provider, lease.provider_domid,
-                                  Role.PROVIDER):
+        if not await self._side_done(lease, Role.PROVIDER):
             return lease
         end = self._finals.get(lease.id) or _final_state(lease)
         return await self._end(lease, end, lease.reason)
@@ -321,65 +408,83 @@ class Broker:
         """Record ``revoking`` now, finish in the background: the caller
         gets its refusal without waiting for a slow agent."""
         lease = await self._move(lease, State.REVOKING, reason)
+        if not ask_consumer:
+            self._gone.add((lease.id, Role.CONSUMER))
 
         async def finish() -> None:
             async with self._lock(lease.id):
-                await self._finish(self.registry.get(lease.id),
-                                   ask_consumer=ask_consumer)
-        self._spawn(finish())
+                await self._finish(self.registry.get(lease.id))
+        self.spawn(finish())
 
-    async def _let_go(self, lease: Lease, qube: str, domid: int,
-                      role: Role) -> bool:
-        """Ask one side to let go; True when it confirmed or is gone."""
+    async def _side_done(self, lease: Lease, role: Role) -> bool:
+        """Whether one side's part has ended: it confirmed, or its domain
+        is definitely gone. Anything else schedules a retry: False."""
+        qube, domain = _sides(lease)[role is Role.PROVIDER]
+        if (lease.id, role) in self._gone:
+            return True
         try:
-            if not _alive(self.facts.qube(qube), domid):
-                log.info("lease %s: %s %s is gone, nothing to revoke there",
-                         lease.id, role.value, qube)
+            info = await self.facts.describe(qube)
+            if info is None or info.gone_from(domain):
+                log.info("lease %s: %s %s is gone (%s), nothing to revoke "
+                         "there", lease.id, role.value, qube,
+                         info.power.value if info else "no such qube")
                 return True
-            answer = await self.agents.revoke(qube, lease.id, role)
-        except AgentError as exc:
-            if role is Role.PROVIDER and exc.code == "unreachable":
-                # no agent listens: its grants died with its gntdev and
-                # gntalloc fds, and the consumer let go already
-                log.info("lease %s: provider %s has no agent: %s",
-                         lease.id, qube, exc)
-                return True
+            if not info.rule.ask_agent:
+                why = f"{qube} is {info.power.value}: waiting for it to " \
+                      f"run or halt"
+            else:
+                answer = await self.agents.revoke(qube, lease.id, role)
+                if answer.status is RevokeStatus.RELEASED:
+                    return True
+                why = f"busy: {answer.reason}"
+        except (AgentError, QubesFactsError) as exc:
             why = str(exc)
-        except QubesFactsError as exc:
-            why = str(exc)
-        else:
-            if answer.status is RevokeStatus.RELEASED:
-                return True
-            why = f"busy: {answer.reason}"
-        _audit("busy", lease, f"{role.value} {qube} did not confirm: {why}")
-        self._retry_later(lease.id)
+        why = f"{role.value} {qube} did not confirm: {why}"
+        delay = self.retries.later(lease.id, why)
+        _audit("busy", lease, f"{why}; again in {delay:g} s")
         return False
 
     async def _end(self, lease: Lease, state: State, reason: str) -> Lease:
         lease = await self._move(lease, state, reason or state.value)
-        self._attempts.pop(lease.id, None)
+        self.retries.done(lease.id)
         self._finals.pop(lease.id, None)
         self._locks.pop(lease.id, None)
+        self._gone.discard((lease.id, Role.CONSUMER))
+        self._gone.discard((lease.id, Role.PROVIDER))
         _audit(state.value, lease, lease.reason)
+        self._ended += 1
+        if self._ended >= PRUNE_EVERY:
+            self._ended = 0
+            self.prune()
         return lease
 
-    def _retry_later(self, lease_id: str) -> None:
-        attempts = self._attempts.get(lease_id, 0) + 1
-        self._attempts[lease_id] = attempts
-        delay = min(self._retry_base * 2 ** (attempts - 1), self._retry_max)
-        if lease_id in self._timers:
-            self._timers[lease_id].cancel()
-        self._timers[lease_id] = asyncio.get_running_loop().call_later(
-            delay, lambda: self._spawn(self._retry(lease_id)))
+    def prune(self) -> int:
+        """Forget ended leases beyond the kept history (limits.History)."""
+        pruned, batch = 0, 1000
+        while True:
+            count = self.registry.prune(
+                self.clock(), keep_seconds=self.history.seconds,
+                keep_leases=self.history.leases, batch=batch)
+            pruned += count
+            if count < batch:
+                return pruned
 
-    async def _retry(self, lease_id: str) -> None:
-        self._timers.pop(lease_id, None)
-        async with self._lock(lease_id):
-            await self._finish(self.registry.get(lease_id))
+    def _retry(self, lease_id: str) -> None:
+        async def again() -> None:
+            async with self._lock(lease_id):
+                await self._finish(self.registry.get(lease_id))
+        self.spawn(again())
 
     async def _revoke_all(self, ids: Iterable[str], reason: str) -> list[Lease]:
-        return list(await asyncio.gather(
-            *(self.revoke(lease_id, reason) for lease_id in ids)))
+        """Revoke each; one that fails (a bug, a registry error) is logged
+        and does not stop the others."""
+        results = await asyncio.gather(
+            *(self.revoke(lease_id, reason) for lease_id in ids),
+            return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.error("revocation failed: %r", result)
+        return [r for r in results if isinstance(r, Lease)]
 
     # -- background work -------------------------------------------------------
 
@@ -389,32 +494,8 @@ class Broker:
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _follow(self, events) -> None:
-        async for event in events:
-            if event.kind is EventKind.SHUTDOWN:
-                self._spawn(self.revoke_qube(event.qube,
-                                             f"{event.qube} shut down"))
-            elif event.kind is EventKind.START:
-                # a restarted qube has a new domain id: its old leases died
-                self._spawn(self._revoke_stale(event.qube))
-
-    async def _revoke_stale(self, qube: str) -> None:
-        ids = [lease.id for lease in self.registry.live_of_qube(qube)
-               if not self._both_alive(lease)]
-        await self._revoke_all(ids, f"{qube} restarted")
-
-    async def _expire_loop(self) -> None:
-        while True:
-            self._deadline_changed.clear()
-            await self.expire_due()
-            upcoming = self.registry.past_deadline(float(2 ** 62))
-            delay = (upcoming[0].deadline - self._clock()) if upcoming \
-                else 3600.0
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._deadline_changed.wait(),
-                                       max(delay, 0.01))
-
-    def _spawn(self, coro) -> None:
+    def spawn(self, coro) -> None:
+        """Run ``coro`` in the background; a failure is logged."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -422,7 +503,13 @@ class Broker:
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("background work failed: %s", task.exception())
+            log.error("background work failed: %r", task.exception())
+
+    def close(self) -> None:
+        """Stop retry timers and background work (the daemon is ending)."""
+        self.retries.close()
+        for task in self._tasks:
+            task.cancel()
 
     # -- helpers ----------------------------------------------------------
 
@@ -447,18 +534,23 @@ class Broker:
                           f"{caller} has no lease {untrusted_lease_id[:32]}")
         return lease
 
-    def _both_alive(self, lease: Lease) -> bool:
-        try:
-            return _alive(self.facts.qube(lease.consumer),
-                          lease.consumer_domid) and \
-                _alive(self.facts.qube(lease.provider), lease.provider_domid)
-        except QubesFactsError:
-            return True  # cannot tell: keep it, the next event will
+
+def _sides(lease: Lease) -> tuple[tuple[str, Domain], tuple[str, Domain]]:
+    """(consumer, its domain), (provider, its domain) as the grant names
+    them."""
+    return ((lease.consumer, Domain(lease.consumer_domid,
+                                    lease.consumer_start)),
+            (lease.provider, Domain(lease.provider_domid,
+                                    lease.provider_start)))
 
 
-def _alive(info: QubeInfo | None, domid: int) -> bool:
-    """The qube runs as the domain the grant named."""
-    return info is not None and info.running and info.xid == domid
+def _keeps(info: QubeInfo | None, domain: Domain) -> bool:
+    """Whether a side's state lets its lease stay (POWER_RULES): it still
+    runs as the granted domain in a state that keeps leases, or qubesd
+    does not say (unknown: no step on a guess)."""
+    if info is None or info.gone_from(domain):
+        return False
+    return info.rule.keeps_lease
 
 
 def _already_ending(lease: Lease) -> Lease:

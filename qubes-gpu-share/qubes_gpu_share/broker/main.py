@@ -2,10 +2,13 @@
 
 Serves three sockets in ``--run-dir``: broker.sock (the qrexec socket
 services, /etc/qubes-rpc/qubes.Gpu* point here), dom0-agent.sock (dom0's
-own agent: the caller is always dom0, refused unless dom0 is opted in) and
-admin.sock (``qvm-gpu-share``). Reconciles the registry first, then follows
-qube events and lease deadlines until SIGTERM. Logs go to stderr, which is
-the journal under systemd.
+own agent, group ``--dom0-agent-group``: the caller is always dom0, refused
+unless dom0 is opted in) and admin.sock (``qvm-gpu-share``). At start it
+serves the admin socket, connects to qubesd's events, reconciles the
+registry against fresh facts, and only then opens the qubes' sockets; it
+follows qube events and lease deadlines until SIGTERM. If the event
+follower or the expiry timer stops, it exits with status 1 (systemd
+restarts it). Logs go to stderr, which is the journal under systemd.
 
 For the simulated system (``make demo``, end-to-end tests): ``--qubes
 memory:ROOT/qubes.json --sim-router ROOT`` calls the qubes' agents through
@@ -27,6 +30,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from .. import limits
 from ..names import DOM0
 from ..qrexec.service import SocketServiceServer
 from ..qubes.facts import QubesFacts
@@ -34,12 +38,15 @@ from ..registry import DEFAULT_PATH, Registry
 from .admin import AdminApi, AdminServer
 from .agents import DOM0_AGENT_SOCKET, Agents
 from .core import Broker
+from .follow import Follower, Stopped
 from .services import BrokerServices
 
 log = logging.getLogger("qubes_gpu_share.broker")
 DEFAULT_RUN_DIR = "/run/qubes-gpu-share"
 #: the group of dom0 users allowed to use Qubes' admin sockets
 QUBES_GROUP = "qubes"
+#: the dom0 agent's own group (not qubes: it may not reach qubesd)
+DOM0_AGENT_GROUP = "qubes-gpu-share-dom0"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dom0-agent-socket", default=DOM0_AGENT_SOCKET,
                         metavar="PATH", help="dom0's agent service socket "
                                              "(default: %(default)s)")
+    parser.add_argument("--dom0-agent-group", default=DOM0_AGENT_GROUP,
+                        metavar="GROUP",
+                        help="group of dom0-agent.sock, the dom0 agent's "
+                             "(default: %(default)s; %(prog)s falls back "
+                             "to group qubes when it does not exist)")
+    history = limits.History()
+    parser.add_argument("--history-days", type=_positive, metavar="DAYS",
+                        default=history.seconds / 86_400,
+                        help="keep ended leases and their history this "
+                             "long (default: %(default)g; the journal "
+                             "keeps the audit trail)")
+    parser.add_argument("--history-leases", type=int, metavar="N",
+                        default=history.leases,
+                        help="keep at most the N newest ended leases "
+                             "(default: %(default)s)")
     parser.add_argument("--debug", action="store_true",
                         help="log debug messages")
     return parser
@@ -99,28 +121,40 @@ def sim_router_handler(root: str):
     return handler
 
 
-def _qubes_gid() -> int | None:
-    try:
-        return grp.getgrnam(QUBES_GROUP).gr_gid
-    except KeyError:
-        return None
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _gid(*names: str) -> int | None:
+    """The first of the groups that exists, None if none does."""
+    for name in names:
+        try:
+            return grp.getgrnam(name).gr_gid
+        except KeyError:
+            continue
+    return None
 
 
 @dataclasses.dataclass
 class Daemon:
-    """The broker and its three servers, built from the options."""
+    """The broker, its follower and its servers, built from the options.
+
+    ``admin`` serves from the start; ``services`` (the qubes' sockets) only
+    once the follower trusts what it knows about qubes."""
 
     broker: Broker
-    servers: list
+    follower: Follower
+    admin: AdminServer
+    services: list
     #: the in-memory model's file, followed for qube start and shutdown
     model_file: str | None = None
 
-    async def start(self) -> None:
-        for server in self.servers:
-            await server.start()
-
     async def close(self) -> None:
-        for server in self.servers:
+        self.broker.close()
+        for server in [*self.services, self.admin]:
             await server.close()
         self.broker.registry.close()
 
@@ -129,46 +163,70 @@ def build(options: argparse.Namespace) -> Daemon:
     """Everything, not started (tests and the simulation use this)."""
     facts = make_facts(options)
     broker = Broker(Registry(options.registry), facts,
-                    Agents(facts, dom0_socket=options.dom0_agent_socket))
+                    Agents(facts, dom0_socket=options.dom0_agent_socket),
+                    history=limits.History(options.history_days * 86_400,
+                                           options.history_leases))
     services = BrokerServices(broker)
     run_dir = pathlib.Path(options.run_dir)
-    gid = _qubes_gid()
-    return Daemon(broker, [
+    gid = _gid(QUBES_GROUP)
+    return Daemon(broker, Follower(broker),
+                  AdminServer(str(run_dir / "admin.sock"), AdminApi(broker),
+                              mode=0o660, group=gid), [
         SocketServiceServer(run_dir / "broker.sock", services.handlers(),
                             mode=0o660, group=gid),
         SocketServiceServer(run_dir / "dom0-agent.sock",
-                            services.dom0_handlers(), mode=0o660, group=gid),
-        AdminServer(str(run_dir / "admin.sock"), AdminApi(broker),
-                    mode=0o660, group=gid)],
+                            services.dom0_handlers(), mode=0o660,
+                            group=_gid(options.dom0_agent_group,
+                                       QUBES_GROUP))],
         memory_file(options))
 
 
-async def serve(options: argparse.Namespace) -> None:
-    """Run until SIGTERM/SIGINT."""
+async def serve(options: argparse.Namespace) -> int:
+    """Run until SIGTERM/SIGINT (0), or until a task the broker cannot do
+    without stopped (1)."""
     os.makedirs(options.run_dir, exist_ok=True)
     daemon = build(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await daemon.start()
+    await daemon.admin.start()
+    runner = asyncio.create_task(run_broker(daemon))
     try:
-        await daemon.broker.reconcile()
-        log.info("broker ready in %s", options.run_dir)
-        runner = asyncio.create_task(run_broker(daemon))
-        await stop.wait()
+        ready = asyncio.create_task(daemon.follower.ready.wait())
+        await asyncio.wait({ready, runner},
+                           return_when=asyncio.FIRST_COMPLETED)
+        if ready.done():
+            for server in daemon.services:
+                await server.start()
+            log.info("broker ready in %s", options.run_dir)
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({stopping, runner},
+                           return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        stopping.cancel()
+        if runner.done():
+            return _runner_failed(runner)
         runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, Stopped):
             await runner
+        return 0
     finally:
         await daemon.close()
         log.info("broker stopped")
 
 
+def _runner_failed(runner: asyncio.Task) -> int:
+    error = runner.exception()
+    log.error("broker stopping: %s", error if isinstance(error, Stopped)
+              else repr(error))
+    return 1
+
+
 async def run_broker(daemon: Daemon) -> None:
     """Events and expiry; with ``memory:FILE``, also the file's qube starts
     and shutdowns (the simulation's stand-in for qubesd's events)."""
-    jobs = [daemon.broker.run()]
+    jobs = [daemon.follower.run()]
     if daemon.model_file is not None:
         jobs.append(daemon.broker.facts.follow_file(daemon.model_file))
     await asyncio.gather(*jobs)
@@ -180,8 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if options.debug else logging.INFO,
         stream=sys.stderr, format="%(name)s: %(message)s")
     try:
-        asyncio.run(serve(options))
+        return asyncio.run(serve(options))
     except (OSError, ValueError) as exc:
         log.error("cannot run: %s", exc)
         return 1
-    return 0

@@ -86,7 +86,7 @@ class BrokerServices:
         is refused unless the admin opted dom0 in."""
         def as_dom0(handler: Handler) -> Handler:
             async def wrapped(descriptor, reader, writer):
-                if not self._dom0_allowed():
+                if not await self._dom0_allowed():
                     self._refuse(writer, dataclasses.replace(
                         descriptor, source=DOM0), "dom0-not-allowed",
                         f"dom0 takes part only with feature "
@@ -155,9 +155,9 @@ class BrokerServices:
         else:
             writer.write(protocol.encode(answer))
 
-    def _dom0_allowed(self) -> bool:
+    async def _dom0_allowed(self) -> bool:
         try:
-            dom0 = self.broker.facts.qube(DOM0)
+            dom0 = await self.broker.facts.describe(DOM0)
             return limits.global_settings(dom0.features).dom0_allowed
         except (QubesFactsError, limits.SettingError, AttributeError):
             return False

@@ -6,9 +6,17 @@ dom0 -> qube action the broker needs, a qrexec service call, because in dom0
 that goes through qubesadmin (``vm.run_service``) and only :mod:`.admin` may
 import qubesadmin.
 
-Queries are synchronous, as in Qubes' own qrexec policy daemon: qubesd
-answers over a local socket in well under a millisecond. Events and service
-calls are asynchronous because they wait on other qubes.
+The broker asks with :meth:`QubesFacts.describe`, a coroutine: whatever
+blocks (a qubesd round trip) happens off the event loop, so that a slow
+qubesd delays the one decision that waits for it, not every qube's calls.
+:meth:`QubesFacts.qube` is the same question asked synchronously (tools,
+tests, and the worker behind ``describe``). Events and service calls are
+asynchronous because they wait on other qubes.
+
+The event stream also reports its own connection (``connection-established``
+when it (re)connects, ``connection-lost`` when it broke): what was missed
+in between is unknown, so the broker re-checks every live lease after each
+(re)connection and grants nothing while the stream is down.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 
 from ..names import parse_qube_name
-from .info import QubeEvent, QubeInfo, ServiceResult
+from .info import EventKind, QubeEvent, QubeInfo, ServiceResult
 
 #: qrexec's characters for a service name with its argument.
 _SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9+._-]{0,63}")
@@ -35,7 +43,17 @@ class ServiceCallError(QubesFactsError):
 
 
 class EventStream(AsyncIterator[QubeEvent]):
-    """Life-cycle events from the moment the stream was opened."""
+    """Life-cycle events from the moment the stream was opened.
+
+    ``connected`` says whether events are being heard right now (it changes
+    when the producer learns it, before the listener reads the
+    connection event); ``generation`` counts the connections, so that a
+    listener can tell "checked since the last (re)connection" from
+    "checked before a break it has not read about yet".
+    """
+
+    connected: bool = False
+    generation: int = 0
 
     def __aiter__(self) -> EventStream:
         return self
@@ -57,8 +75,19 @@ class QueuedEventStream(EventStream):
         self._closed = False
 
     def push(self, event: QubeEvent) -> None:
-        if not self._closed:
-            self._queue.put_nowait(event)
+        if self._closed:
+            return
+        if event.kind is EventKind.CONNECTED:
+            self.connected = True
+            self.generation += 1
+        elif event.kind is EventKind.LOST:
+            self.connected = False
+        self._queue.put_nowait(event)
+
+    def end(self) -> None:
+        """The producer stopped for good: the listener's iteration ends."""
+        self.connected = False
+        self._queue.put_nowait(None)
 
     async def __anext__(self) -> QubeEvent:
         event = None if self._closed else await self._queue.get()
@@ -78,23 +107,27 @@ class QubesFacts(abc.ABC):
 
     @abc.abstractmethod
     def qube(self, name: str) -> QubeInfo | None:
-        """A snapshot of qube ``name``, None when no such qube exists.
+        """A snapshot of qube ``name``, None when no such qube exists
+        (blocking). Raises QubesFactsError when Qubes cannot answer."""
 
-        Raises QubesFactsError when Qubes cannot answer.
-        """
+    async def describe(self, name: str) -> QubeInfo | None:
+        """:meth:`qube`, without blocking the event loop."""
+        return self.qube(name)
 
     @abc.abstractmethod
     def events(self) -> EventStream:
-        """Start/shutdown events of all qubes, from now on."""
+        """Start/shutdown events of all qubes, from now on; the first item
+        is ``connection-established`` once the stream is connected."""
 
     async def call_service(self, qube: str, service: str, payload: bytes, *,
                            max_output: int,
-                           timeout: float) -> ServiceResult:
+                           timeout: float | None) -> ServiceResult:
         """Call qrexec ``service`` (``NAME+ARG``) in running ``qube``.
 
         Returns the exit status and at most ``max_output`` bytes of output;
         more output, a timeout or a halted qube raise ServiceCallError. The
-        qube is never started for the call.
+        qube is never started for the call. ``timeout`` None: the caller
+        bounds the call itself (broker/agents.py).
         """
         parse_qube_name(qube)
         if not _SERVICE.fullmatch(service):

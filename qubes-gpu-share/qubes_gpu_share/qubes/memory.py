@@ -10,10 +10,13 @@ The model is loaded from a small JSON file, e.g.::
        "tags": ["gpu"]}
     ]}
 
-Keys per qube: name (required), running, xid, virt_mode, klass, services,
-features, tags; nothing else. dom0 is always present (AdminVM, running,
-xid 0, PV) and may be listed to give it features. Running qubes without an
-xid get the next free one, as Xen hands them out; halted qubes have -1.
+Keys per qube: name (required), running, power, xid, virt_mode, klass,
+services, features, tags; nothing else. ``power`` is one of qubesd's power
+states (default Running or Halted, by ``running``). dom0 is always present
+(AdminVM, running, xid 0, PV) and may be listed to give it features.
+Qubes with a domain but no xid get the next free one, as Xen hands them
+out (counting up, never reusing an id it gave before unless told to);
+halted qubes have -1. Every start is a new run (a new ``start`` value).
 Service calls go to the ``service_handler`` given at construction (the
 simulated qrexec router).
 
@@ -36,13 +39,15 @@ from typing import Any
 
 from ..limits import SERVICE_FEATURE_PREFIX
 from ..names import DOM0, parse_qube_name
-from .facts import QubesFacts, QueuedEventStream, ServiceCallError
-from .info import ADMIN_VM, EventKind, QubeEvent, QubeInfo, ServiceResult
+from .facts import (QubesFacts, QubesFactsError, QueuedEventStream,
+                    ServiceCallError)
+from .info import (ADMIN_VM, EventKind, PowerState, QubeEvent, QubeInfo,
+                   ServiceResult)
 
 #: (qube, "SERVICE+ARG", payload) -> (exit status, output)
 ServiceHandler = Callable[[str, str, bytes], Awaitable[tuple[int, bytes]]]
 
-_KEYS = frozenset({"name", "running", "xid", "virt_mode", "klass",
+_KEYS = frozenset({"name", "running", "power", "xid", "virt_mode", "klass",
                    "services", "features", "tags"})
 _MAX_FILE = 1 << 20
 
@@ -55,14 +60,23 @@ async def _no_services(qube: str, service: str, payload: bytes):
 
 
 class MemoryQubes(QubesFacts):
-    """A mutable model of qubes: add, start, stop, set features."""
+    """A mutable model of qubes: add, start, stop, set features; and the
+    failures of qubesd a test needs: an events connection that breaks
+    (events meanwhile are lost, as they are for a real listener) and
+    queries that fail."""
 
     def __init__(self, service_handler: ServiceHandler = _no_services):
         self._qubes: dict[str, QubeInfo] = {}
         self._streams: set[QueuedEventStream] = set()
         self._next_xid = itertools.count(1)
+        self._runs = itertools.count(1)
         self._service_handler = service_handler
-        self.add(QubeInfo(DOM0, ADMIN_VM, True, 0, "pv"))
+        #: why the events connection is down; None while it is up
+        self._events_broken: str | None = None
+        #: set: every query raises QubesFactsError with this text
+        self.query_error: str | None = None
+        self.queries = 0
+        self.add(QubeInfo(DOM0, ADMIN_VM, PowerState.RUNNING, 0, "pv"))
 
     @classmethod
     def from_file(cls, path: str, **kwargs: Any) -> MemoryQubes:
@@ -88,24 +102,54 @@ class MemoryQubes(QubesFacts):
         used = {q.xid for q in self._qubes.values()}
         return next(x for x in self._next_xid if x not in used)
 
+    def new_run(self) -> str:
+        """A start value no earlier run had (qubesd's start_time)."""
+        return f"run-{next(self._runs)}"
+
     def start(self, name: str, xid: int | None = None) -> None:
         """Start a halted qube with domain id *xid* (default: a fresh one);
-        emits domain-start."""
+        emits domain-start. An *xid* another qube's domain holds is refused,
+        as Xen refuses it."""
         info = self._qubes[name]
-        if info.running:
+        if info.domain is not None:
             raise ValueError(f"qube {name} is already running")
-        self._replace(info, running=True,
-                      xid=self.new_xid() if xid is None else xid)
+        if xid is not None and any(q.xid == xid for q in self._qubes.values()):
+            raise ValueError(f"domain id {xid} is in use")
+        self._replace(info, power=PowerState.RUNNING,
+                      xid=self.new_xid() if xid is None else xid,
+                      start=self.new_run())
         self._emit(EventKind.START, name)
 
     def stop(self, name: str) -> None:
         """Shut a qube down; emits domain-pre-shutdown, domain-shutdown."""
         info = self._qubes[name]
-        if not info.running or info.is_dom0:
+        if info.domain is None or info.is_dom0:
             raise ValueError(f"qube {name} is not running or is dom0")
         self._emit(EventKind.PRE_SHUTDOWN, name)
-        self._replace(info, running=False, xid=-1)
+        self._replace(info, power=PowerState.HALTED, xid=-1, start="")
         self._emit(EventKind.SHUTDOWN, name)
+
+    def set_power(self, name: str, power: PowerState) -> None:
+        """Put a qube in ``power`` without an event (a crash, a pause, or
+        qubesd losing track: NA); a state without a domain drops its xid."""
+        info = self._qubes[name]
+        if power is PowerState.HALTED:
+            self._replace(info, power=power, xid=-1, start="")
+        else:
+            self._replace(info, power=power)
+
+    def break_events(self, why: str = "connection reset") -> None:
+        """The events connection breaks: listeners get connection-lost,
+        then nothing (events meanwhile are lost) until restore_events."""
+        for stream in list(self._streams):
+            stream.push(QubeEvent(EventKind.LOST, detail=why))
+        self._events_broken = why
+
+    def restore_events(self) -> None:
+        """The connection is back: listeners get connection-established."""
+        self._events_broken = None
+        for stream in list(self._streams):
+            stream.push(QubeEvent(EventKind.CONNECTED))
 
     def set_feature(self, name: str, feature: str, value: str | None) -> None:
         """Set (or with None, delete) one feature of a qube."""
@@ -118,6 +162,13 @@ class MemoryQubes(QubesFacts):
         self._replace(info, features=features)
 
     def qube(self, name: str) -> QubeInfo | None:
+        self.queries += 1
+        if self.query_error is not None:
+            raise QubesFactsError(self.query_error)
+        return self._qubes.get(name)
+
+    def peek(self, name: str) -> QubeInfo | None:
+        """The model's own view of a qube (tests): no query, no failure."""
         return self._qubes.get(name)
 
     async def follow_file(self, path: str | os.PathLike,
@@ -146,24 +197,28 @@ class MemoryQubes(QubesFacts):
                    for entry in _entries(_read_file(path))]
         for entry in entries:
             info = self._qubes.get(entry.name)
-            if info is None or info.is_dom0 or info.running == entry.running:
+            if info is None or info.is_dom0 or \
+                    (info.domain is None) == (entry.domain is None):
                 continue
-            if entry.running:
+            if entry.domain is not None:
                 self.start(info.name, entry.xid)
             else:
                 self.stop(info.name)
             log.info("qube %s %s (from %s)", info.name,
-                     "started" if entry.running else "shut down", path)
+                     "shut down" if entry.domain is None else "started",
+                     path)
 
     def events(self) -> QueuedEventStream:
         stream = QueuedEventStream(lambda: self._streams.discard(stream))
         self._streams.add(stream)
+        if self._events_broken is None:
+            stream.push(QubeEvent(EventKind.CONNECTED))
         return stream
 
     async def _call_service(self, qube: str, service: str, payload: bytes,
                             max_output: int) -> ServiceResult:
         info = self._qubes.get(qube)
-        if info is None or not info.running:
+        if info is None or info.domain is None:
             raise ServiceCallError(f"qube {qube} is not running")
         status, output = await self._service_handler(qube, service, payload)
         return ServiceResult(status, output[:max_output + 1])
@@ -172,6 +227,8 @@ class MemoryQubes(QubesFacts):
         self._qubes[info.name] = dataclasses.replace(info, **changes)
 
     def _emit(self, kind: EventKind, name: str) -> None:
+        if self._events_broken is not None:
+            return  # nobody hears it: lost, as on a broken connection
         for stream in list(self._streams):
             stream.push(QubeEvent(kind, name))
 
@@ -201,6 +258,8 @@ def _qube_from_dict(entry: Any, model: MemoryQubes) -> QubeInfo:
                          f"{sorted(_KEYS)}: {str(entry)[:80]}")
     name = entry["name"]
     running = _typed(entry, "running", bool, name == DOM0)
+    power = PowerState.of(_typed(
+        entry, "power", str, "Running" if running else "Halted"))
     features = dict(_typed(entry, "features", dict, {}))
     services = _typed(entry, "services", list, [])
     tags = _typed(entry, "tags", list, [])
@@ -209,17 +268,24 @@ def _qube_from_dict(entry: Any, model: MemoryQubes) -> QubeInfo:
         raise ValueError(f"qube {name}: services, feature values and tags "
                          f"must be strings")
     features.update((SERVICE_FEATURE_PREFIX + s, "1") for s in services)
-    default_xid = (0 if name == DOM0 else model.new_xid()) if running else -1
+    if running != (power is PowerState.RUNNING) and "power" in entry \
+            and "running" in entry:
+        raise ValueError(f"qube {name}: power {power.value} contradicts "
+                         f"running={running}")
+    has_domain = power is not PowerState.HALTED
+    default_xid = (0 if name == DOM0 else model.new_xid()) if has_domain \
+        else -1
     xid = _typed(entry, "xid", int, default_xid)
-    if (xid >= 0) != running:
-        raise ValueError(f"qube {name}: xid {xid} contradicts running="
-                         f"{running} (halted qubes have xid -1)")
+    if (xid >= 0) != has_domain:
+        raise ValueError(f"qube {name}: xid {xid} contradicts power "
+                         f"{power.value} (halted qubes have xid -1)")
     return QubeInfo(
         name=name,
         klass=_typed(entry, "klass", str, ADMIN_VM if name == DOM0
                      else "AppVM"),
-        running=running,
+        power=power,
         xid=xid,
+        start=model.new_run() if has_domain else "",
         virt_mode=_typed(entry, "virt_mode", str,
                          "pv" if name == DOM0 else "pvh"),
         features=features,
