@@ -98,3 +98,24 @@ def test_a_flood_on_stderr_is_drained_bounded_and_counted(tmp_path, caplog):
 ])
 def test_stderr_line(data, dropped, line):
     assert call.stderr_line(data, dropped) == line
+
+
+def test_dom0_calls_a_qube_through_qrexec_client(tmp_path, caplog):
+    """QrexecClientCaller: ``qrexec-client -d QUBE 'DEFAULT:QUBESRPC
+    SERVICE+ARG dom0'``, stdin in, stdout out, its status; its stderr one
+    line naming the call."""
+    fake = tmp_path / "qrexec-client"
+    fake.write_text(
+        '#!/bin/sh\n'
+        '[ "$1|$2|$3" = "-d|work|DEFAULT:QUBESRPC qubes.GpuRevoke+ dom0" ]'
+        ' || exit 99\nprintf "0\\0"; cat\necho "vchan closed" >&2\nexit 3\n')
+    fake.chmod(0o755)
+    caller = call.QrexecClientCaller(str(fake))
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        status, output = asyncio.run(caller.call_service(
+            "work", "qubes.GpuRevoke+", b"payload", 100))
+    assert (status, output) == (3, b"0\0payload")
+    (record,) = records(caplog)
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == ("qrexec-client qubes.GpuRevoke+ to work: "
+                                   "exit status 3: vchan closed")

@@ -252,17 +252,22 @@ class Broker:
                      provider: str, meta: BufferMeta, mode: ReceiveMode,
                      ttl: int) -> Lease:
         """decide.py's verdict; if granted, requested+exporting in one
-        commit. The facts are read first (qubesd, off the loop); the rest
-        is serialised, so that two requests never both fit into the last
-        free pages of one budget."""
+        commit.
+
+        Facts come first, off the loop: snapshots (kept current by
+        qubesd's events), a first verdict on them (a refusal costs qubesd
+        nothing more), then each side's domain read fresh (one call each).
+        The final verdict and the record are serialised, so that two
+        requests never both fit into the last free pages of one budget."""
         about = dict(consumer=consumer, provider=provider, pages=meta.pages)
+        judge = functools.partial(self._judge, caller, kind, consumer,
+                                  provider, meta, mode, ttl, about=about)
         infos = await self._facts_for(consumer, provider, about)
+        judge(infos)
+        await self._same_domains(infos[:2], about)
         async with self._admission:
             self._check_trusted(about)
-            verdict = self._decide(caller, kind, consumer, provider, meta,
-                                   mode, ttl, infos)
-            if isinstance(verdict, decide.Refusal):
-                raise Refused(verdict.reason.value, verdict.message, **about)
+            verdict = judge(infos)
             self._check_domains(infos[:2], about)
             lease = new_lease(
                 lease_id=new_lease_id(), consumer=consumer, provider=provider,
@@ -285,7 +290,7 @@ class Broker:
 
     async def _facts_for(self, consumer: str, provider: str,
                          about: dict) -> tuple:
-        """(consumer, provider, dom0) as qubesd describes them now."""
+        """(consumer, provider, dom0) as the facts seam knows them."""
         self._check_trusted(about)
         try:
             return tuple(await asyncio.gather(
@@ -294,6 +299,25 @@ class Broker:
         except QubesFactsError as exc:
             raise Refused(decide.Reason.QUBES_UNAVAILABLE.value, str(exc),
                           **about) from None
+
+    async def _same_domains(self, infos: Iterable[QubeInfo],
+                            about: dict) -> None:
+        """Each side's domain read fresh from qubesd must be the one the
+        snapshot names: the grant goes to that domain id."""
+        infos = list(infos)
+        try:
+            now = await asyncio.gather(
+                *(self.facts.current_domain(info.name) for info in infos))
+        except QubesFactsError as exc:
+            raise Refused(decide.Reason.QUBES_UNAVAILABLE.value, str(exc),
+                          **about) from None
+        for info, domain in zip(infos, now):
+            if domain is None or not domain.same_run(info.domain):
+                raise Refused(decide.Reason.QUBES_UNAVAILABLE.value,
+                              f"{info.name} changed while the broker "
+                              f"decided (domain {info.xid} -> "
+                              f"{domain.xid if domain else 'none'}); try "
+                              f"again", **about)
 
     def _check_trusted(self, about: dict) -> None:
         if not self.trusted():
@@ -346,8 +370,11 @@ class Broker:
         self._admitted[("provider pages", lease.provider)] += \
             sign * lease.pages
 
-    def _decide(self, caller: str, kind: Kind, consumer: str, provider: str,
-                meta: BufferMeta, mode: ReceiveMode, ttl: int, infos: tuple):
+    def _judge(self, caller: str, kind: Kind, consumer: str, provider: str,
+               meta: BufferMeta, mode: ReceiveMode, ttl: int, infos: tuple,
+               *, about: dict) -> decide.Grant:
+        """decide.py's verdict over ``infos`` and the usage now; a refusal
+        is raised."""
         consumer_info, provider_info, dom0 = infos
         leases, pages = self.registry.consumer_usage(consumer)
         held = self._admitted
@@ -360,8 +387,11 @@ class Broker:
             caller=caller, kind=kind, consumer=consumer, provider=provider,
             pages=meta.pages, mode=decide.Mode(mode.value), ttl=ttl,
             modifier=meta.modifier)
-        return decide.decide(request, consumer_info, provider_info, usage,
-                             dom0.features if dom0 else {})
+        verdict = decide.decide(request, consumer_info, provider_info, usage,
+                                dom0.features if dom0 else {})
+        if isinstance(verdict, decide.Refusal):
+            raise Refused(verdict.reason.value, verdict.message, **about)
+        return verdict
 
     async def _export_failed(self, lease: Lease, err: AgentError) -> None:
         """A provider that said no granted nothing: failed at once. Any

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import subprocess
 from typing import Awaitable, Callable, Optional, Protocol, Tuple
 
@@ -25,6 +26,8 @@ from . import reply, stream
 log = logging.getLogger(__name__)
 
 QREXEC_CLIENT_VM = "/usr/bin/qrexec-client-vm"
+#: dom0's client (qubesadmin.config.QREXEC_CLIENT says the same)
+QREXEC_CLIENT = "/usr/lib/qubes/qrexec-client"
 EXIT_PROBLEM = 125
 EXIT_REFUSED = 126
 EXIT_NOT_FOUND = 127
@@ -191,11 +194,15 @@ class ClientVmCaller(ConversationCaller):
     def __init__(self, program: str = QREXEC_CLIENT_VM):
         self._program = program
 
+    def argv(self, target: str, service_with_arg: str) -> list:
+        """The program's command line for one call."""
+        return [self._program, "--", target, service_with_arg]
+
     async def open_service(self, target: str,
                            service_with_arg: str) -> Conversation:
         try:
             proc = await asyncio.create_subprocess_exec(
-                self._program, "--", target, service_with_arg,
+                *self.argv(target, service_with_arg),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE)
         except OSError as exc:
@@ -212,11 +219,27 @@ class ClientVmCaller(ConversationCaller):
             if not logged:
                 logged = True
                 await _log_stderr(stderr, status,
+                                  f"{os.path.basename(self._program)} "
                                   f"{service_with_arg} to {target}")
             return status
 
         return Conversation(target, service_with_arg, proc.stdout, proc.stdin,
                             wait_status)
+
+
+class QrexecClientCaller(ClientVmCaller):
+    """Calls from dom0 into a qube: ``qrexec-client -d QUBE
+    'DEFAULT:QUBESRPC SERVICE+ARG dom0'`` (what qubesadmin's run_service
+    runs in dom0), as an asyncio subprocess: no thread waits on a qube.
+    Exit status: the service's, 125 when the qube does not run or qrexec
+    cannot connect, 127 when it has no such service."""
+
+    def __init__(self, program: str = QREXEC_CLIENT):
+        super().__init__(program)
+
+    def argv(self, target: str, service_with_arg: str) -> list:
+        return [self._program, "-d", target,
+                f"DEFAULT:QUBESRPC {service_with_arg} dom0"]
 
 
 async def _read_bounded(reader: asyncio.StreamReader,
@@ -257,7 +280,7 @@ async def _log_stderr(collected: "asyncio.Future[Tuple[bytes, int]]",
     text = stderr_line(data, dropped)
     if text:
         log.log(logging.WARNING if status else logging.DEBUG,
-                "qrexec-client-vm %s: exit status %d: %s", call_name, status,
+                "%s: exit status %d: %s", call_name, status,
                 text)
 
 

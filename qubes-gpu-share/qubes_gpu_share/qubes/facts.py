@@ -27,7 +27,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 
 from ..names import parse_qube_name
-from .info import EventKind, QubeEvent, QubeInfo, ServiceResult
+from .info import Domain, EventKind, QubeEvent, QubeInfo, ServiceResult
 
 #: qrexec's characters for a service name with its argument.
 _SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9+._-]{0,63}")
@@ -87,7 +87,8 @@ class QueuedEventStream(EventStream):
     def end(self) -> None:
         """The producer stopped for good: the listener's iteration ends."""
         self.connected = False
-        self._queue.put_nowait(None)
+        if not self._closed:
+            self._queue.put_nowait(None)
 
     async def __anext__(self) -> QubeEvent:
         event = None if self._closed else await self._queue.get()
@@ -111,8 +112,15 @@ class QubesFacts(abc.ABC):
         (blocking). Raises QubesFactsError when Qubes cannot answer."""
 
     async def describe(self, name: str) -> QubeInfo | None:
-        """:meth:`qube`, without blocking the event loop."""
+        """:meth:`qube`, without blocking the event loop (and, where the
+        implementation keeps them current from events, from a snapshot)."""
         return self.qube(name)
+
+    async def current_domain(self, name: str) -> Domain | None:
+        """The qube's domain right now, read fresh (one qubesd call): what
+        a grant must not get wrong. None when it has none."""
+        info = self.qube(name)
+        return info.domain if info is not None else None
 
     @abc.abstractmethod
     def events(self) -> EventStream:

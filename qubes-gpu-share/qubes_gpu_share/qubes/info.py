@@ -184,6 +184,9 @@ class EventKind(str, enum.Enum):
     SHUTDOWN = "domain-shutdown"
     CONNECTED = "connection-established"
     LOST = "connection-lost"
+    #: a feature of ``qube`` changed (``detail``: its name); the broker
+    #: itself ignores it, the stand-in qubesd relays it
+    FEATURE = "domain-feature-set"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -152,7 +152,9 @@ class MemoryQubes(QubesFacts):
             stream.push(QubeEvent(EventKind.CONNECTED))
 
     def set_feature(self, name: str, feature: str, value: str | None) -> None:
-        """Set (or with None, delete) one feature of a qube."""
+        """Set (or with None, delete) one feature of a qube; emits
+        domain-feature-set (qubesd sends -delete for a deletion: the same
+        to a listener that only drops what it cached)."""
         info = self._qubes[name]
         features = dict(info.features)
         if value is None:
@@ -160,12 +162,17 @@ class MemoryQubes(QubesFacts):
         else:
             features[feature] = value
         self._replace(info, features=features)
+        self._emit(EventKind.FEATURE, name, feature)
 
     def qube(self, name: str) -> QubeInfo | None:
         self.queries += 1
         if self.query_error is not None:
             raise QubesFactsError(self.query_error)
         return self._qubes.get(name)
+
+    def names(self) -> list[str]:
+        """Every qube of the model (tests and the stand-in qubesd)."""
+        return list(self._qubes)
 
     def peek(self, name: str) -> QubeInfo | None:
         """The model's own view of a qube (tests): no query, no failure."""
@@ -226,11 +233,11 @@ class MemoryQubes(QubesFacts):
     def _replace(self, info: QubeInfo, **changes: Any) -> None:
         self._qubes[info.name] = dataclasses.replace(info, **changes)
 
-    def _emit(self, kind: EventKind, name: str) -> None:
+    def _emit(self, kind: EventKind, name: str, detail: str = "") -> None:
         if self._events_broken is not None:
             return  # nobody hears it: lost, as on a broken connection
         for stream in list(self._streams):
-            stream.push(QubeEvent(kind, name))
+            stream.push(QubeEvent(kind, name, detail))
 
 
 def _read_file(path: str | os.PathLike) -> Any:
