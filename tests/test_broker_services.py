@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from qubes_gpu_share import protocol
+from qubes_gpu_share.broker import audit
 from qubes_gpu_share.broker.services import BrokerServices
 from qubes_gpu_share.formats import BlobSpec, ReceiveMode
 from qubes_gpu_share.protocol import (
@@ -101,11 +102,11 @@ def test_bad_lease_calls_get_one_refusal_and_change_nothing(
     code = _error(out).code
     assert code in ("malformed", "same-qube")
     assert broker.registry.leases() == []
+    reason = audit.quote(f"{code}: {_error(out).message} "
+                         f"(qubes.GpuLease+{arg} from work)")
     assert _audit_lines(caplog) == [
         f"refused lease=- consumer=work provider={arg or '-'} "
-        f"pages={2 if code == 'same-qube' else 0} "
-        f"reason={code}: {_error(out).message} "
-        f"(qubes.GpuLease+{arg} from work)"]
+        f"pages={2 if code == 'same-qube' else 0} reason={reason}"]
 
 
 def _audit_lines(caplog) -> list[str]:
@@ -129,8 +130,8 @@ def test_every_refusal_has_one_audit_line(tmp_path, caplog):
     lines = _audit_lines(caplog)
     assert len(lines) == 2 and all(l.startswith("refused ") for l in lines)
     assert _error(budget).code in lines[0]
-    assert "consumer=work provider=sys-gpu pages=2 reason=budget" in lines[0]
-    assert lines[1].endswith("(qubes.GpuRelease+ from personal)")
+    assert 'consumer=work provider=sys-gpu pages=2 reason="budget' in lines[0]
+    assert lines[1].endswith('(qubes.GpuRelease+ from personal)"')
     assert "unknown-lease" in lines[1] and _error(release).code \
         == "unknown-lease"
 

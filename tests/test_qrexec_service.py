@@ -86,7 +86,7 @@ def test_bad_descriptor_gets_no_answer(tmp_path, data):
 
 def test_silent_peer_times_out(tmp_path):
     out = _run(tmp_path, lambda p: _talk(p, b"qubes.Gpu", eof=False),
-               descriptor_timeout=0.05)
+               input_seconds=0.05)
     assert out == b""
 
 
@@ -228,3 +228,96 @@ def test_lingering_for_the_callers_input_is_bounded(tmp_path, monkeypatch):
     with pytest.raises(reply.ServiceRefused, match="not served here"):
         reply.parse_reply(answer)
     assert (lingering, left) == (1, 0)
+
+
+# -- bounds on what a caller can make the server hold (issue 12) -----------
+
+def test_a_dribbled_body_is_cut_at_the_input_deadline(tmp_path):
+    """One byte at a time keeps every read short; the whole input still has
+    one deadline."""
+    async def dribble(path):
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(b"qubes.GpuLease+ work name dom0\0")
+        started = asyncio.get_running_loop().time()
+        answer = asyncio.create_task(reader.read())
+        for _ in range(100):
+            if answer.done():
+                break
+            writer.write(b"x")
+            await asyncio.sleep(0.01)
+        out = await answer
+        writer.close()
+        return out, asyncio.get_running_loop().time() - started
+
+    out, took = _run(tmp_path, dribble, input_seconds=0.15)
+    with pytest.raises(reply.ServiceRefused, match="did not arrive in time"):
+        reply.parse_reply(out)
+    assert took < 0.35
+
+
+async def _hold(path, source: bytes, held: list):
+    """An unfinished call: descriptor sent, body never ends."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(b"qubes.GpuLease+ " + source + b" name dom0\0x")
+    held.append((reader, writer))
+
+
+def test_calls_per_source_and_in_all_are_capped(tmp_path):
+    refusals = []
+
+    async def scenario(path):
+        held = []
+        for _ in range(3):
+            await _hold(path, b"work", held)
+        await asyncio.sleep(0.05)
+        # a fourth from work: refused at once, with one line
+        started = asyncio.get_running_loop().time()
+        fourth = await _talk(path, b"qubes.GpuLease+ work name dom0\0")
+        quick = asyncio.get_running_loop().time() - started
+        # another qube still gets through (in all: 3 held + 1 < 5)
+        other = await _talk(path, b"qubes.GpuLease+ mail name dom0\0", b"hi")
+        for _ in range(2):
+            await _hold(path, b"mail", held)
+        await asyncio.sleep(0.05)
+        # 5 in flight now: the next one is refused before its descriptor
+        full = await _talk(path, b"qubes.GpuLease+ bank name dom0\0")
+        for _reader, writer in held:
+            writer.close()
+        return fourth, quick, other, full
+
+    fourth, quick, other, full = _run(
+        tmp_path, scenario, max_per_source=3, max_calls=5,
+        on_refused=lambda d, why: refusals.append(
+            (d.source if d else None, why)))
+    with pytest.raises(reply.ServiceRefused, match="too many calls from work"):
+        reply.parse_reply(fourth)
+    assert quick < 0.5
+    assert reply.parse_reply(other) == b"mail  hi"
+    with pytest.raises(reply.ServiceRefused, match="too many calls at once"):
+        reply.parse_reply(full)
+    assert [source for source, _why in refusals] == ["work", None]
+
+
+def test_an_answer_nobody_reads_does_not_hold_the_call(tmp_path, monkeypatch):
+    from qubes_gpu_share.qrexec import service
+    monkeypatch.setattr(service, "OUTPUT_SECONDS", 0.1)
+
+    async def big(descriptor, reader, writer):
+        writer.write(reply.ok_reply(b"x" * (8 << 20)))
+
+    async def main():
+        path = tmp_path / "s.sock"
+        async with SocketServiceServer(path, {"qubes.GpuLease": big}) \
+                as server:
+            reader, writer = await asyncio.open_unix_connection(server.path)
+            writer.write(b"qubes.GpuLease+ work name dom0\0")
+            writer.write_eof()
+            for _ in range(100):  # never reads the answer
+                await asyncio.sleep(0.01)
+                if server.calls == 0:
+                    break
+            calls = server.calls
+            writer.close()
+            return calls
+
+    assert asyncio.run(main()) == 0

@@ -35,6 +35,7 @@ from ..names import DOM0
 from ..qrexec.service import SocketServiceServer
 from ..qubes.facts import QubesFacts
 from ..registry import DEFAULT_PATH, Registry
+from . import audit
 from .admin import AdminApi, AdminServer
 from .agents import DOM0_AGENT_SOCKET, Agents
 from .core import Broker
@@ -173,11 +174,13 @@ def build(options: argparse.Namespace) -> Daemon:
                   AdminServer(str(run_dir / "admin.sock"), AdminApi(broker),
                               mode=0o660, group=gid), [
         SocketServiceServer(run_dir / "broker.sock", services.handlers(),
-                            mode=0o660, group=gid),
+                            mode=0o660, group=gid,
+                            on_refused=services.refused_call),
         SocketServiceServer(run_dir / "dom0-agent.sock",
                             services.dom0_handlers(), mode=0o660,
                             group=_gid(options.dom0_agent_group,
-                                       QUBES_GROUP))],
+                                       QUBES_GROUP),
+                            on_refused=services.refused_call)],
         memory_file(options))
 
 
@@ -237,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if options.debug else logging.INFO,
         stream=sys.stderr, format="%(name)s: %(message)s")
+    audit.to_journal()
     try:
         return asyncio.run(serve(options))
     except (OSError, ValueError) as exc:

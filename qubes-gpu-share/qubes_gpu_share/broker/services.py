@@ -56,13 +56,13 @@ def refusal(code: str, message: str) -> bytes:
 async def read_frame(reader: asyncio.StreamReader, max_len: int) -> bytes:
     """One protocol message from a stream that stays open (the offer),
     bounded by ``max_len``; nothing may follow it before our answer."""
-    untrusted_data = b""
+    untrusted_data = bytearray()  # (appending to bytes would copy it all)
     while True:
-        end = protocol.frame_length(untrusted_data)
+        end = protocol.frame_length(bytes(untrusted_data))
         if end is not None:
             if end != len(untrusted_data):
                 raise protocol.ProtocolError("data after the message")
-            return untrusted_data
+            return bytes(untrusted_data)
         if len(untrusted_data) >= max_len:
             raise protocol.ProtocolError(f"message over {max_len} bytes")
         chunk = await reader.read(min(_CHUNK, max_len - len(untrusted_data)))
@@ -147,7 +147,7 @@ class BrokerServices:
             answer = await self.broker.offer(descriptor.source,
                                              descriptor.argument, request,
                                              turns.export)
-        except protocol.ProtocolError as exc:
+        except (protocol.ProtocolError, stream.StreamError) as exc:
             turns.refuse(self._log(descriptor, "malformed", str(exc)))
         except Refused as exc:
             turns.refuse(self._log(descriptor, exc.code, exc.message,
@@ -177,8 +177,22 @@ class BrokerServices:
                                      **(about or {})},
                        reason=f"{code}: {message} "
                               f"({descriptor.service_with_arg} from "
-                              f"{descriptor.source})")
+                              f"{descriptor.source})",
+                       charged=descriptor.source)
         return code, message
+
+    @staticmethod
+    def refused_call(descriptor: ServiceDescriptor | None, why: str) -> None:
+        """The audit line of a call the server refused before its handler
+        ran (too many calls, a service not served here)."""
+        if descriptor is None:
+            audit.decision("refused", reason=f"{why} (before its "
+                           f"descriptor)", charged="-")
+            return
+        audit.decision("refused", **_named_parties(descriptor),
+                       reason=f"{why} ({descriptor.service_with_arg} from "
+                              f"{descriptor.source})",
+                       charged=descriptor.source)
 
 
 def _named_parties(descriptor: ServiceDescriptor) -> dict[str, str]:
@@ -195,7 +209,7 @@ def _named_parties(descriptor: ServiceDescriptor) -> dict[str, str]:
 class _OfferTurns:
     """The offering side of an offer connection, as the broker's exporter."""
 
-    def __init__(self, reader: asyncio.StreamReader,
+    def __init__(self, reader: stream.DeadlineReader,
                  writer: asyncio.StreamWriter):
         self._reader = reader
         self._writer = writer
@@ -204,14 +218,14 @@ class _OfferTurns:
     async def export(self, request: ExportRequest) -> GrantRefs:
         self._writer.write(reply.ok_reply(protocol.encode(request)))
         self._status_sent = True
+        self._reader.allow(OFFER_EXPORT_TIMEOUT)
         try:
-            await self._writer.drain()
-            untrusted_answer = await asyncio.wait_for(
-                read_frame(self._reader, protocol.max_size_for(
-                    ExportAnswer, refs=request.meta.pages)),
-                OFFER_EXPORT_TIMEOUT)
+            await stream.within(OFFER_EXPORT_TIMEOUT, self._writer.drain())
+            untrusted_answer = await read_frame(
+                self._reader, protocol.max_size_for(
+                    ExportAnswer, refs=request.meta.pages))
             answer = protocol.decode(untrusted_answer, ExportAnswer, Error)
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, stream.InputTimeout):
             raise AgentError("timeout", "the offering qube did not grant in "
                              f"{OFFER_EXPORT_TIMEOUT:g} s") from None
         except (protocol.ProtocolError, ConnectionError) as exc:

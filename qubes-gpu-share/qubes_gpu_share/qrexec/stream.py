@@ -8,11 +8,19 @@ maximum and fails with :class:`StreamError` (one line) instead of growing.
 Two shapes are needed: a one-shot body that ends at EOF (the caller shuts
 down its write side), and one message of a multi-turn conversation (the
 offer flow), which ends at a terminator byte while the stream stays open.
+
+Size is one bound, time the other: a peer that sends one byte a second
+stays under every size limit while it holds a connection (and a file
+descriptor, and a place among the calls in flight) for as long as it
+likes. :class:`DeadlineReader` gives a whole input one deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Awaitable, TypeVar
+
+T = TypeVar("T")
 
 #: Chunk size for reads until EOF; the bound, not this, limits memory.
 _CHUNK = 64 * 1024
@@ -24,6 +32,54 @@ class StreamError(ValueError):
 
 class StreamClosed(StreamError):
     """The peer ended its output cleanly where a message could have begun."""
+
+
+class InputTimeout(StreamError):
+    """The peer did not send its input before the deadline."""
+
+
+class DeadlineReader:
+    """An asyncio.StreamReader whose reads all end by one deadline (the
+    loop's clock), so that the whole input of a call, not each read, is
+    bounded in time. The owner may move the deadline (a conversation's next
+    turn gets its own)."""
+
+    def __init__(self, reader: asyncio.StreamReader, seconds: float):
+        self._reader = reader
+        self.deadline = asyncio.get_running_loop().time() + seconds
+
+    def allow(self, seconds: float) -> None:
+        """The next input may take ``seconds`` from now."""
+        self.deadline = asyncio.get_running_loop().time() + seconds
+
+    def at_eof(self) -> bool:
+        return self._reader.at_eof()
+
+    async def read(self, n: int = -1) -> bytes:
+        return await self._within(self._reader.read(n))
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        return await self._within(self._reader.readuntil(separator))
+
+    async def _within(self, coro):
+        remaining = self.deadline - asyncio.get_running_loop().time()
+        try:
+            return await within(max(remaining, 0.0), coro)
+        except asyncio.TimeoutError:
+            raise InputTimeout("the input did not arrive in time") from None
+
+
+async def within(seconds: float, coro: Awaitable[T]) -> T:
+    """``coro`` with a time limit (asyncio.TimeoutError), in this task.
+
+    asyncio.timeout (3.11) limits the running task; wait_for (older
+    Pythons) runs the coroutine in a task of its own, which costs two more
+    turns of the event loop on every read a service makes.
+    """
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await coro
+    return await asyncio.wait_for(coro, seconds)
 
 
 async def read_to_eof(reader: asyncio.StreamReader, max_len: int) -> bytes:
