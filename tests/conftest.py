@@ -58,3 +58,11 @@ def qubesadmin():
 def qrexec():
     """Qubes' own qrexec package (system, or QUBES_GPU_SHARE_QUBES_PATH)."""
     return _import_or_skip("qrexec")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_audit_limit(monkeypatch):
+    """Each test starts with the broker's audit rate limit untouched (it is
+    per process, and earlier tests' refusals would count)."""
+    from qubes_gpu_share.broker import audit
+    monkeypatch.setattr(audit, "LIMIT", audit.PerQubeLimit())

@@ -75,6 +75,7 @@ def test_refusals_change_nothing(tmp_path, provider, code):
 def test_budget_refusal_names_the_reason(tmp_path):
     broker, model, _agents, _clock = make_broker(tmp_path)
     model.set_feature("sys-gpu", "gpu-share-budget-pages", "4")
+    model.set_feature("sys-gpu", "gpu-share-pair-pages", "8")
 
     async def main():
         await broker.lease("work", "sys-gpu", REQUEST)
@@ -90,6 +91,7 @@ def test_budget_refusal_names_the_reason(tmp_path):
 def test_concurrent_requests_never_overshoot_the_budget(tmp_path):
     broker, model, _agents, _clock = make_broker(tmp_path)
     model.set_feature("sys-gpu", "gpu-share-budget-pages", "9")
+    model.set_feature("sys-gpu", "gpu-share-pair-pages", "9")
 
     async def one():
         try:
@@ -103,6 +105,39 @@ def test_concurrent_requests_never_overshoot_the_budget(tmp_path):
 
     assert sum(run(main())) == 3
     assert broker.registry.provider_pages("sys-gpu") == 9
+
+
+def test_one_consumer_takes_half_a_budget_so_a_second_fits(tmp_path):
+    """Fair share by default (issue 12): concurrent requests of one
+    consumer never pass half the provider's budget; another consumer's
+    lease still fits; offers to it count against its own offer quota."""
+    broker, model, _agents, _clock = make_broker(tmp_path)
+    model.set_feature("sys-gpu", "gpu-share-budget-pages", "12")
+    model.set_feature("work", "gpu-share-quota-leases", "1")
+
+    async def one(consumer):
+        try:
+            await broker.lease(consumer, "sys-gpu", REQUEST)
+            return consumer
+        except Refused as refused:
+            return refused.code
+
+    async def export(request):
+        return GrantRefs.from_ints(range(request.meta.pages))
+
+    async def main():
+        first = await asyncio.gather(*(one("personal") for _ in range(4)))
+        second = await one("work")
+        # work's own quota is full (1 lease), offers to it still fit
+        offered = await broker.offer("sys-gpu", "work",
+                                     OfferRequest(BlobSpec(PAGE), 60), export)
+        return first, second, offered
+
+    first, second, offered = run(main())
+    assert sorted(first) == ["pair-share", "pair-share", "personal",
+                             "personal"]
+    assert second == "work" and offered.provider == "sys-gpu"
+    assert broker.registry.consumer_share("work", "sys-gpu") == (1, 1, 4)
 
 
 def test_provider_refusing_fails_the_lease_without_revoke(tmp_path):

@@ -119,6 +119,7 @@ def test_every_refusal_has_one_audit_line(tmp_path, caplog):
     refused offer each leave one ``refused`` line naming what was known."""
     async def scenario(path, broker, model):
         model.set_feature("sys-gpu", "gpu-share-budget-pages", "1")
+        model.set_feature("sys-gpu", "gpu-share-pair-pages", "2")
         budget = await _call(path, "work", "qubes.GpuLease", "sys-gpu",
                              REQUEST)
         release = await _call(path, "personal", "qubes.GpuRelease", "",

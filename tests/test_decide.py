@@ -159,6 +159,33 @@ def test_consumer_page_quota():
         is Reason.QUOTA_PAGES
 
 
+def test_pair_share():
+    """One consumer takes at most its share of one provider (default half
+    the budget), whichever way the leases came."""
+    assert isinstance(run(usage=Usage(pair_pages=8_092)), Grant)
+    refused = run(usage=Usage(pair_pages=8_093))
+    assert reason(refused) is Reason.PAIR_SHARE
+    assert "share of 8192" in refused.message
+    offer = lease(caller="sys-gpu", kind=Kind.OFFER)
+    assert reason(run(offer, usage=Usage(pair_pages=8_093))) \
+        is Reason.PAIR_SHARE
+    more = feat(PROVIDER, **{"gpu_share_pair_pages.work": "9000"})
+    assert isinstance(run(provider=more, usage=Usage(pair_pages=8_093)),
+                      Grant)
+
+
+def test_offers_count_against_their_own_quota():
+    """Offers fill the consumer's offer quota, never the quota of its own
+    requests, and the other way round."""
+    offer = lease(caller="sys-gpu", kind=Kind.OFFER)
+    full_offers = Usage(offered_leases=16, offered_pages=1_000)
+    assert isinstance(run(usage=full_offers), Grant)  # its own requests
+    assert reason(run(offer, usage=full_offers)) is Reason.QUOTA_LEASES
+    assert isinstance(run(offer, usage=Usage(consumer_leases=16)), Grant)
+    assert reason(run(offer, usage=Usage(offered_pages=16_300))) \
+        is Reason.QUOTA_PAGES
+
+
 def test_provider_budget():
     assert isinstance(run(usage=Usage(provider_pages=16_284)), Grant)
     assert reason(run(usage=Usage(provider_pages=16_285))) is Reason.BUDGET

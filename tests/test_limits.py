@@ -10,10 +10,27 @@ def test_defaults_when_features_absent():
     prov = limits.provider_limits({})
     cons = limits.consumer_limits({})
     glob = limits.global_settings({})
-    assert prov == limits.ProviderLimits(16_384, 8_192, 3_600, 600)
-    assert cons == limits.ConsumerLimits(16_384, 16)
+    assert prov == limits.ProviderLimits(16_384, 8_192, 3_600, 600,
+                                         pair_pages=8_192)
+    assert cons == limits.ConsumerLimits(16_384, 16, 16_384, 16)
     assert glob.dom0_allowed is False
     assert glob.allowed_modifiers == {MOD_LINEAR}
+
+
+def test_fair_share_by_default_and_per_pair():
+    """One consumer holds at most half a provider's budget by default, so a
+    second always fits; the admin changes it for all or one consumer."""
+    prov = limits.provider_limits({})
+    assert prov.pair_cap("work") * 2 == prov.budget_pages
+    assert prov.pair_cap("work") >= limits.UHD_XRGB_PAGES
+    raised = limits.provider_limits({"gpu-share-budget-pages": "40000"})
+    assert raised.pair_cap("work") == 20_000  # follows the budget
+    set_ = limits.provider_limits({"gpu-share-pair-pages": "100",
+                                   "gpu-share-pair-pages.work": "16384"})
+    assert (set_.pair_cap("work"), set_.pair_cap("mail")) == (16_384, 100)
+    with pytest.raises(limits.SettingError,
+                       match="gpu-share-pair-pages.work"):
+        limits.provider_limits({"gpu-share-pair-pages.work": "0"})
 
 
 def test_defaults_leave_headroom_in_xen_default_grant_table():

@@ -48,6 +48,7 @@ class Reason(str, enum.Enum):
     TOO_LARGE = "too-large"
     QUOTA_LEASES = "quota-leases"
     QUOTA_PAGES = "quota-pages"
+    PAIR_SHARE = "pair-share"
     BUDGET = "budget"
     #: qubesd cannot tell (here: power state NA; in the broker: qubesd
     #: unreachable, or its events connection down)
@@ -77,11 +78,16 @@ class Request:
 
 @dataclasses.dataclass(frozen=True)
 class Usage:
-    """What is held now by live leases (from the registry)."""
+    """What is held now by live leases (from the registry): the consumer's
+    own requests, the offers to it (counted apart), the provider's budget,
+    and what this consumer holds of this provider."""
 
     consumer_leases: int = 0
     consumer_pages: int = 0
     provider_pages: int = 0
+    offered_leases: int = 0
+    offered_pages: int = 0
+    pair_pages: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,15 +203,13 @@ def _admit(request: Request, consumer: QubeInfo, provider: QubeInfo,
         raise _Refused(Reason.TOO_LARGE,
                        f"{pages} pages exceed {provider.name}'s per-lease "
                        f"cap of {plim.max_lease_pages}")
-    if usage.consumer_leases + 1 > clim.quota_leases:
-        raise _Refused(Reason.QUOTA_LEASES,
-                       f"{consumer.name} already holds "
-                       f"{usage.consumer_leases} of {clim.quota_leases} "
-                       f"leases")
-    if usage.consumer_pages + pages > clim.quota_pages:
-        raise _Refused(Reason.QUOTA_PAGES,
-                       f"{consumer.name} holds {usage.consumer_pages} pages; "
-                       f"{pages} more exceed its quota of {clim.quota_pages}")
+    _check_quota(request, consumer.name, clim, usage)
+    pair_cap = plim.pair_cap(consumer.name)
+    if usage.pair_pages + pages > pair_cap:
+        raise _Refused(Reason.PAIR_SHARE,
+                       f"{consumer.name} holds {usage.pair_pages} pages of "
+                       f"{provider.name}'s; {pages} more exceed its share "
+                       f"of {pair_cap}")
     if usage.provider_pages + pages > plim.budget_pages:
         raise _Refused(Reason.BUDGET,
                        f"{provider.name} grants {usage.provider_pages} pages; "
@@ -214,6 +218,29 @@ def _admit(request: Request, consumer: QubeInfo, provider: QubeInfo,
     ttl = plim.default_ttl if request.ttl is None else request.ttl
     return Grant(ttl=min(ttl, plim.max_ttl), pages=pages, mode=request.mode,
                  consumer_xid=consumer.xid, provider_xid=provider.xid)
+
+
+def _check_quota(request: Request, consumer: str,
+                 clim: limits.ConsumerLimits, usage: Usage) -> None:
+    """The consumer's quota for its own requests, or for offers to it."""
+    if request.kind is Kind.LEASE:
+        what, leases, pages = ("leases", usage.consumer_leases,
+                               usage.consumer_pages)
+        quota_leases, quota_pages = clim.quota_leases, clim.quota_pages
+    else:
+        what, leases, pages = ("offered leases", usage.offered_leases,
+                               usage.offered_pages)
+        quota_leases = clim.offer_quota_leases
+        quota_pages = clim.offer_quota_pages
+    if leases + 1 > quota_leases:
+        raise _Refused(Reason.QUOTA_LEASES,
+                       f"{consumer} already holds {leases} of "
+                       f"{quota_leases} {what}")
+    if pages + request.pages > quota_pages:
+        raise _Refused(Reason.QUOTA_PAGES,
+                       f"{consumer} holds {pages} pages of {what}; "
+                       f"{request.pages} more exceed its quota of "
+                       f"{quota_pages}")
 
 
 def _settings(parse, features: Mapping[str, str], qube: str):

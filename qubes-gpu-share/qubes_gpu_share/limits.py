@@ -15,9 +15,14 @@ Which qube holds which setting follows whose resource it protects:
 
 * the provider's grant table: ``gpu-share-budget-pages``,
   ``gpu-share-max-lease-pages``, ``gpu-share-max-ttl``,
-  ``gpu-share-default-ttl`` (on the provider qube);
-* fair share between consumers: ``gpu-share-quota-pages``,
-  ``gpu-share-quota-leases`` (on the consumer qube);
+  ``gpu-share-default-ttl``, and how much of it one consumer may hold,
+  ``gpu-share-pair-pages`` (default half the budget) or per consumer
+  ``gpu-share-pair-pages.CONSUMER`` (on the provider qube);
+* what one consumer takes: ``gpu-share-quota-pages``,
+  ``gpu-share-quota-leases`` for the leases it asks for, and
+  ``gpu-share-offer-quota-pages``, ``gpu-share-offer-quota-leases`` for
+  those offered to it (on the consumer qube): a provider offering without
+  end cannot use up the quota of the consumer's own requests;
 * system-wide choices: ``gpu-share-dom0`` and
   ``gpu-share-allowed-modifiers`` (on dom0).
 """
@@ -125,6 +130,27 @@ QUOTA_PAGES = IntSetting(
 QUOTA_LEASES = IntSetting(
     "gpu-share-quota-leases", default=16, minimum=1, maximum=1_024,
     where="consumer", doc="live leases this consumer may hold")
+# Offers are counted apart: they arrive without the consumer's applications
+# asking, so a provider offering without end must not fill the quota of the
+# consumer's own requests; the same sizes, for the same reasons.
+OFFER_QUOTA_PAGES = IntSetting(
+    "gpu-share-offer-quota-pages", default=XEN_DEFAULT_GRANT_PAGES // 2,
+    minimum=1, maximum=XEN_DEFAULT_MAPTRACK, where="consumer",
+    doc="pages all live leases offered to this consumer may hold together")
+OFFER_QUOTA_LEASES = IntSetting(
+    "gpu-share-offer-quota-leases", default=16, minimum=1, maximum=1_024,
+    where="consumer", doc="live leases offered to this consumer")
+# Fair share: with the defaults one consumer may hold at most half of a
+# provider's budget (8,192 pages: a UHD frame), so a second consumer always
+# fits; 0 means "half the budget" and follows a raised budget. The admin
+# sets it per consumer with gpu-share-pair-pages.CONSUMER on the provider
+# (qubesd accepts dots in feature names; a qube name is at most 31 chars).
+PAIR_PAGES = IntSetting(
+    "gpu-share-pair-pages", default=0, minimum=0,
+    maximum=QUBES_GRANT_PAGES, where="provider",
+    doc="pages one consumer may hold from this provider (0: half the "
+        "budget); per consumer: gpu-share-pair-pages.CONSUMER")
+PAIR_PAGES_PREFIX = PAIR_PAGES.feature + "."
 
 #: On dom0: '1' lets dom0 take part (off by default; DESIGN.md "Roles").
 DOM0_OPT_IN = "gpu-share-dom0"
@@ -132,8 +158,9 @@ DOM0_OPT_IN = "gpu-share-dom0"
 #: LINEAR. Empty by default: a tiled layout is only safe once vetted.
 ALLOWED_MODIFIERS = "gpu-share-allowed-modifiers"
 
-INT_SETTINGS = (BUDGET_PAGES, MAX_LEASE, MAX_TTL, DEFAULT_TTL,
-                QUOTA_PAGES, QUOTA_LEASES)
+INT_SETTINGS = (BUDGET_PAGES, MAX_LEASE, MAX_TTL, DEFAULT_TTL, PAIR_PAGES,
+                QUOTA_PAGES, QUOTA_LEASES, OFFER_QUOTA_PAGES,
+                OFFER_QUOTA_LEASES)
 #: Every feature name this service reads, for docs and the admin CLI.
 FEATURES = tuple(s.feature for s in INT_SETTINGS) + (
     DOM0_OPT_IN, ALLOWED_MODIFIERS,
@@ -163,14 +190,24 @@ class ProviderLimits:
     max_lease_pages: int
     max_ttl: int
     default_ttl: int
+    #: what one consumer may hold (PAIR_PAGES resolved), and per consumer
+    pair_pages: int = 0
+    pair_overrides: Mapping[str, int] = dataclasses.field(
+        default_factory=dict)
+
+    def pair_cap(self, consumer: str) -> int:
+        """Pages ``consumer`` may hold from this provider."""
+        return self.pair_overrides.get(consumer, self.pair_pages)
 
 
 @dataclasses.dataclass(frozen=True)
 class ConsumerLimits:
-    """One consumer's share."""
+    """One consumer's share: of its own requests, and of offers to it."""
 
     quota_pages: int
     quota_leases: int
+    offer_quota_pages: int = OFFER_QUOTA_PAGES.default
+    offer_quota_leases: int = OFFER_QUOTA_LEASES.default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,17 +220,32 @@ class GlobalSettings:
 
 def provider_limits(features: Mapping[str, str]) -> ProviderLimits:
     """Limits from a provider qube's features (raises SettingError)."""
+    budget = BUDGET_PAGES.parse(features)
     return ProviderLimits(
-        budget_pages=BUDGET_PAGES.parse(features),
+        budget_pages=budget,
         max_lease_pages=MAX_LEASE.parse(features),
         max_ttl=MAX_TTL.parse(features),
-        default_ttl=DEFAULT_TTL.parse(features))
+        default_ttl=DEFAULT_TTL.parse(features),
+        pair_pages=PAIR_PAGES.parse(features) or budget // 2,
+        pair_overrides=_pair_overrides(features))
+
+
+def _pair_overrides(features: Mapping[str, str]) -> dict[str, int]:
+    overrides = {}
+    for key in features:
+        if key.startswith(PAIR_PAGES_PREFIX):
+            consumer = key[len(PAIR_PAGES_PREFIX):]
+            setting = dataclasses.replace(PAIR_PAGES, feature=key, minimum=1)
+            overrides[consumer] = setting.parse(features)
+    return overrides
 
 
 def consumer_limits(features: Mapping[str, str]) -> ConsumerLimits:
     """Quota from a consumer qube's features (raises SettingError)."""
     return ConsumerLimits(quota_pages=QUOTA_PAGES.parse(features),
-                          quota_leases=QUOTA_LEASES.parse(features))
+                          quota_leases=QUOTA_LEASES.parse(features),
+                          offer_quota_pages=OFFER_QUOTA_PAGES.parse(features),
+                          offer_quota_leases=OFFER_QUOTA_LEASES.parse(features))
 
 
 def global_settings(dom0_features: Mapping[str, str]) -> GlobalSettings:

@@ -153,6 +153,13 @@ QUERIES: dict[str, str] = {
     "history":
         "SELECT time, old_state, new_state, reason FROM events "
         "WHERE lease_id = ? ORDER BY seq",
+    # what a consumer holds of offers and of one provider: its own live
+    # leases only (bounded by its quotas), through leases_consumer
+    "consumer_share":
+        "SELECT coalesce(sum(initiator = 'offer'), 0), "
+        "coalesce(sum(CASE WHEN initiator = 'offer' THEN pages END), 0), "
+        "coalesce(sum(CASE WHEN provider = ? THEN pages END), 0) "
+        f"FROM leases WHERE consumer = ? AND state IN {_in(_LIVE)}",
     "live_on_domid":
         f"SELECT * FROM leases WHERE consumer_domid = ? "
         f"AND state IN {_in(_LIVE)} "
@@ -465,6 +472,14 @@ class Registry:
         """(live leases, pages) charged to a consumer's quota: one row of
         the usage table, whatever the number of live leases."""
         return self._usage(consumer, "consumer")
+
+    def consumer_share(self, consumer: str, provider: str
+                       ) -> tuple[int, int, int]:
+        """(offered leases, their pages, pages held of ``provider``) of a
+        consumer's live leases."""
+        row = self._conn.execute(QUERIES["consumer_share"],
+                                 (provider, consumer)).fetchone()
+        return row[0], row[1], row[2]
 
     def provider_pages(self, provider: str) -> int:
         """Pages charged to a provider's budget (revoking ones included)."""

@@ -35,8 +35,9 @@ class AdminError(Exception):
     """A request the admin API refuses; one line."""
 
 
-def lease_json(lease: Lease) -> dict[str, Any]:
-    return {"id": lease.id, "consumer": lease.consumer,
+def lease_json(lease: Lease, waiting: str | None = None) -> dict[str, Any]:
+    """A lease for the admin; ``waiting``: why it has not ended yet."""
+    return {"id": lease.id, "waiting": waiting, "consumer": lease.consumer,
             "provider": lease.provider, "state": lease.state.value,
             "pages": lease.pages, "mode": lease.mode.value,
             "initiator": lease.initiator.value, "fourcc": lease.meta.fourcc,
@@ -76,11 +77,11 @@ class AdminApi:
         if qube is not None:
             qube = _qube(qube)
             leases = [l for l in leases if qube in (l.consumer, l.provider)]
-        return {"leases": [lease_json(l) for l in leases]}
+        return {"leases": [self._json(l) for l in leases]}
 
     async def op_show(self, id: str):  # pylint: disable=redefined-builtin
         lease = self._get(id)
-        return {"lease": lease_json(lease), "history": [
+        return {"lease": self._json(lease), "history": [
             {"time": e.time, "from": e.old_state.value if e.old_state
              else None, "to": e.new_state.value, "reason": e.reason}
             for e in self.registry.history(lease.id)]}
@@ -99,7 +100,7 @@ class AdminApi:
             qube = _qube(qube)
             log.info("admin revokes every lease of %s", qube)
             leases = await self.broker.revoke_qube(qube, "revoked by admin")
-        return {"leases": [lease_json(l) for l in leases]}
+        return {"leases": [self._json(l) for l in leases]}
 
     async def op_budgets(self):
         live = self.registry.leases(live_only=True)
@@ -119,10 +120,16 @@ class AdminApi:
                               "budget_pages": plim.budget_pages,
                               "pages_left": plim.budget_pages - used})
             count, pages = self.registry.consumer_usage(name)
-            consumers.append({"qube": name, "leases": count,
+            offered, offered_pages, _ = self.registry.consumer_share(name,
+                                                                     "")
+            consumers.append({"qube": name, "leases": count - offered,
                               "quota_leases": clim.quota_leases,
-                              "pages": pages,
-                              "quota_pages": clim.quota_pages})
+                              "pages": pages - offered_pages,
+                              "quota_pages": clim.quota_pages,
+                              "offered_leases": offered,
+                              "offer_quota_leases": clim.offer_quota_leases,
+                              "offered_pages": offered_pages,
+                              "offer_quota_pages": clim.offer_quota_pages})
         return {"providers": providers, "consumers": consumers}
 
     async def op_settings(self, qube: str):
@@ -134,6 +141,9 @@ class AdminApi:
             settings.append({"feature": name, "value": features.get(name),
                              "default": None})
         return {"qube": qube, "settings": settings}
+
+    def _json(self, lease: Lease) -> dict[str, Any]:
+        return lease_json(lease, self.broker.retries.waiting(lease.id))
 
     def _get(self, untrusted_id: Any) -> Lease:
         try:

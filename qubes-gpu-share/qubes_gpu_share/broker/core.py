@@ -364,11 +364,9 @@ class Broker:
 
     def _unsettled(self, lease: Lease, sign: int) -> None:
         """Count (1) or stop counting (-1) an admitted lease's charge."""
-        self._admitted[("leases", lease.consumer)] += sign
-        self._admitted[("consumer pages", lease.consumer)] += \
-            sign * lease.pages
-        self._admitted[("provider pages", lease.provider)] += \
-            sign * lease.pages
+        for key in _charges(lease):
+            self._admitted[key] += sign * (1 if key[0].endswith("leases")
+                                           else lease.pages)
 
     def _judge(self, caller: str, kind: Kind, consumer: str, provider: str,
                meta: BufferMeta, mode: ReceiveMode, ttl: int, infos: tuple,
@@ -376,13 +374,7 @@ class Broker:
         """decide.py's verdict over ``infos`` and the usage now; a refusal
         is raised."""
         consumer_info, provider_info, dom0 = infos
-        leases, pages = self.registry.consumer_usage(consumer)
-        held = self._admitted
-        usage = decide.Usage(
-            leases + held[("leases", consumer)],
-            pages + held[("consumer pages", consumer)],
-            self.registry.provider_pages(provider)
-            + held[("provider pages", provider)])
+        usage = self._usage(consumer, provider)
         request = decide.Request(
             caller=caller, kind=kind, consumer=consumer, provider=provider,
             pages=meta.pages, mode=decide.Mode(mode.value), ttl=ttl,
@@ -392,6 +384,22 @@ class Broker:
         if isinstance(verdict, decide.Refusal):
             raise Refused(verdict.reason.value, verdict.message, **about)
         return verdict
+
+    def _usage(self, consumer: str, provider: str) -> decide.Usage:
+        """What the registry holds, plus what admission let through and
+        the registry does not count yet."""
+        leases, pages = self.registry.consumer_usage(consumer)
+        offered, offered_pages, pair = self.registry.consumer_share(
+            consumer, provider)
+        held = self._admitted
+        return decide.Usage(
+            consumer_leases=leases - offered + held["leases", consumer],
+            consumer_pages=pages - offered_pages + held["pages", consumer],
+            provider_pages=self.registry.provider_pages(provider)
+            + held["provider pages", provider],
+            offered_leases=offered + held["offered leases", consumer],
+            offered_pages=offered_pages + held["offered pages", consumer],
+            pair_pages=pair + held["pair pages", consumer, provider])
 
     async def _export_failed(self, lease: Lease, err: AgentError) -> None:
         """A provider that said no granted nothing: failed at once. Any
@@ -572,6 +580,14 @@ def _sides(lease: Lease) -> tuple[tuple[str, Domain], tuple[str, Domain]]:
                                     lease.consumer_start)),
             (lease.provider, Domain(lease.provider_domid,
                                     lease.provider_start)))
+
+
+def _charges(lease: Lease) -> list[tuple]:
+    """The admission counters a lease counts in (core.Broker._usage)."""
+    own = "offered " if lease.initiator is Initiator.OFFER else ""
+    return [(own + "leases", lease.consumer), (own + "pages", lease.consumer),
+            ("provider pages", lease.provider),
+            ("pair pages", lease.consumer, lease.provider)]
 
 
 def _keeps(info: QubeInfo | None, domain: Domain) -> bool:

@@ -36,7 +36,8 @@ commands:
                     consumer does not confirm stays 'revoking' and keeps
                     its pages until it does
   budgets           pages used and left per provider, leases and pages
-                    per consumer against its quota
+                    per consumer against its quota (its own requests;
+                    leases offered to it count apart)
   settings VM       the features of VM this service reads, with defaults
 
 exit status:
@@ -132,11 +133,14 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 
 def _leases(leases: list[dict]) -> str:
     now = time.time()
-    return _table([[l["id"], l["provider"], l["consumer"], l["state"],
-                    l["pages"], l["mode"],
-                    max(0, int(l["deadline"] - now))] for l in leases],
-                  ["ID", "PROVIDER", "CONSUMER", "STATE", "PAGES", "MODE",
-                   "TTL-LEFT"])
+    table = _table([[l["id"], l["provider"], l["consumer"], l["state"],
+                     l["pages"], l["mode"],
+                     max(0, int(l["deadline"] - now))] for l in leases],
+                   ["ID", "PROVIDER", "CONSUMER", "STATE", "PAGES", "MODE",
+                    "TTL-LEFT"])
+    waiting = [f"{l['id'][:8]}: waiting: {l['waiting']}" for l in leases
+               if l.get("waiting")]
+    return "\n".join([table, *waiting])
 
 
 def render(command: str, answer: dict[str, Any]) -> str:
@@ -155,10 +159,12 @@ def render(command: str, answer: dict[str, Any]) -> str:
                             for p in answer["providers"]],
                            ["PROVIDER", "PAGES-USED", "BUDGET", "LEFT"])
         consumers = _table([[c["qube"], c["leases"], c["quota_leases"],
-                             c["pages"], c["quota_pages"]]
+                             c["pages"], c["quota_pages"],
+                             c.get("offered_leases"),
+                             c.get("offered_pages")]
                             for c in answer["consumers"]],
                            ["CONSUMER", "LEASES", "QUOTA", "PAGES",
-                            "QUOTA-PAGES"])
+                            "QUOTA-PAGES", "OFFERED", "OFFERED-PAGES"])
         return providers + "\n\n" + consumers
     return _table([[s["feature"], s["value"], s["default"]]
                    for s in answer["settings"]],
