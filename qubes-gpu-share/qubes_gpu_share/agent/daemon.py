@@ -103,6 +103,13 @@ class _AllRoles(Roles):
         return True
 
 
+def _reason(exc: BaseException) -> str:
+    """An exception as the reason dom0 and the application are told."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} (errno {exc.errno})"
+    return str(exc) or type(exc).__name__
+
+
 def _check_holder(lease: str, holder: object | None, caller: object) -> None:
     if holder is not None and holder is not caller:
         raise AgentError("not-yours", f"lease {lease} is held by another "
@@ -294,10 +301,12 @@ class Agent:
             return Error("role-disabled", "this qube does not receive")
         try:
             self.consumer.receive(answer)
-        except GrantError as exc:
+        except Exception as exc:  # pylint: disable=broad-except
+            # any failure (the device's errno, a bug): dom0 gets a definite
+            # "not received", never a lease this agent does not know
             log.warning("lease %s from %s: cannot receive: %s", answer.lease,
-                        answer.provider, exc)
-            return Error.of("receive-failed", str(exc))
+                        answer.provider, _reason(exc))
+            return Error.of("receive-failed", _reason(exc))
         return Ok()
 
     async def revoke(self, lease: str, role: Role) -> RevokeAnswer:
@@ -316,12 +325,12 @@ class Agent:
                 LeaseRequest(request.spec, request.mode, request.ttl)))
             try:
                 received = self.consumer.receive(answer, holder)
-            except GrantError as exc:
+            except Exception as exc:  # pylint: disable=broad-except
                 log.warning("lease %s from %s: cannot map: %s", answer.lease,
-                            answer.provider, exc)
+                            answer.provider, _reason(exc))
                 with contextlib.suppress(BrokerRefused):
                     await self.link.release(answer.lease)
-                raise AgentError("receive-failed", str(exc)) from None
+                raise AgentError("receive-failed", _reason(exc)) from None
         return received.hand_out()
 
     async def _reconciling_on_loss(self, call: Awaitable[T]) -> T:
