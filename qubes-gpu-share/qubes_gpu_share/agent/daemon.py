@@ -22,7 +22,6 @@ from typing import TypeVar
 from ..alloc import Allocator, adopt
 from ..formats import ReceiveMode, layout_for
 from ..grant.device import GrantDevice
-from ..grant.errors import GrantError
 from ..lease import State
 from ..protocol import (Error, ExportAnswer, ExportRequest, LeaseAnswer,
                         LeaseEntry, LeaseRequest, OfferRequest, Ok,
