@@ -309,13 +309,39 @@ def test_pv_domu_without_swiotlb_xen_never_calls_imp_to_refs(
         fake_devices, tmp_path, no_fd_leak):
     """It would grant wrong frames (the lab: Xen refused every ref)."""
     fake = fake_devices(lambda request, arg: 0)
-    device = GntdevDevice(*fake_domain(tmp_path, "PV"))
+    asked = []
+    device = GntdevDevice(*fake_domain(tmp_path, "PV"),
+                          frames_check=lambda: asked.append(1) or False)
     for _ in range(2):
         with pytest.raises(errors.NotGrantable) as refused:
             grant_devnull(device)
         assert str(refused.value) == GRANT_REFUSED_PV_DMA.reason
     # the DMABUF ioctls were asked for once, by an IMP_RELEASE of nothing
     assert fake.calls == [IMP_RELEASE]
+    assert asked == [1]     # and the kernel's frames, once
+
+
+@pytest.mark.parametrize("answer", [False, None])
+def test_pv_domu_kernel_that_cannot_show_its_frames_is_refused(
+        fake_devices, tmp_path, no_fd_leak, answer):
+    fake_devices(lambda request, arg: 0)
+    device = GntdevDevice(*fake_domain(tmp_path, "PV"),
+                          frames_check=lambda: answer)
+    with pytest.raises(errors.NotGrantable):
+        grant_devnull(device)
+    assert device.dmabuf_grant_refusal() is GRANT_REFUSED_PV_DMA
+
+
+def test_pv_domu_kernel_granting_its_own_frames_grants(
+        fake_devices, tmp_path, no_fd_leak):
+    """The gntdev frames fix (kernel/0003) is recognised by what the
+    kernel does: a page granted to ourselves maps back with its bytes."""
+    fake = fake_devices(lambda request, arg: 0)
+    device = GntdevDevice(*fake_domain(tmp_path, "PV"),
+                          frames_check=lambda: True)
+    grant_devnull(device)
+    assert fake.calls == [IMP_TO_REFS, IMP_RELEASE]
+    assert device.dmabuf_grant_refusal() is None
 
 
 def test_pv_domu_without_dmabuf_ioctls_says_that_first(fake_devices,
@@ -403,6 +429,63 @@ def test_release_after_last_user_already_gone(fake_devices, no_fd_leak):
     fake_devices(exporting_kernel([-errno.ENOENT]))
     with GntdevDevice().import_dmabuf(2, [7]) as imported:
         imported.release(10)
+
+
+TRY_RELEASE = lib.IOCTL_GNTDEV_DMABUF_IMP_TRY_RELEASE
+
+
+def try_release_kernel(held: list[int]):
+    """IMP_TRY_RELEASE answers the pages still mapped, in turn."""
+    def kernel(request, arg):
+        if request == TRY_RELEASE:
+            op = ffi.cast("struct ioctl_gntdev_dmabuf_imp_try_release *", arg)
+            op.mapped = held.pop(0)
+        return 0
+    return kernel
+
+
+def test_try_end_keeps_the_import_while_pages_are_held(fake_devices,
+                                                       no_fd_leak):
+    fake = fake_devices(try_release_kernel([3, 1, 0]))
+    with open(os.devnull, "rb") as dmabuf:
+        grant = GntdevDevice().grant_dmabuf(dmabuf.fileno(), 3, 9)
+    assert grant.try_end() == 3     # our dup of the dma-buf stays open:
+    assert grant.try_end() == 1     # the kernel keys the import by it
+    assert grant.try_end() == 0
+    with pytest.raises(errors.AlreadyReleased):
+        grant.try_end()
+    assert fake.calls == [IMP_TO_REFS] + [TRY_RELEASE] * 3
+
+
+def test_try_end_on_a_kernel_without_it_releases_the_old_way(
+        fake_devices, no_fd_leak):
+    def kernel(request, arg):
+        return -errno.ENOTTY if request == TRY_RELEASE else 0
+    fake = fake_devices(kernel)
+    with open(os.devnull, "rb") as dmabuf:
+        grant = GntdevDevice().grant_dmabuf(dmabuf.fileno(), 2, 9)
+    assert grant.try_end() is None
+    assert fake.calls == [IMP_TO_REFS, TRY_RELEASE, IMP_RELEASE]
+    with pytest.raises(errors.AlreadyReleased):
+        grant.revoke()
+
+
+def test_try_end_of_gntalloc_pages_cannot_tell(fake_devices, no_fd_leak):
+    fake = fake_devices(lambda request, arg: 0)
+    grant = GntdevDevice().grant_new_pages(2, 9)
+    assert grant.try_end() is None
+    assert fake.calls == [lib.IOCTL_GNTALLOC_ALLOC_GREF,
+                          lib.IOCTL_GNTALLOC_DEALLOC_GREF]
+
+
+def test_imp_try_release_message_names_the_patch(fake_devices, no_fd_leak):
+    fake_devices(fail_with(errno.ENOTTY))
+    fd = native.open_gntdev()
+    try:
+        with pytest.raises(errors.DmabufNotSupported, match="0004"):
+            native.imp_try_release(fd, 5)
+    finally:
+        os.close(fd)
 
 
 def test_grant_owns_a_dup_and_revoke_closes_everything(fake_devices,

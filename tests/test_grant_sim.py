@@ -20,8 +20,9 @@ from qubes_gpu_share.formats import PAGE_SIZE
 from qubes_gpu_share.grant import errors
 from qubes_gpu_share.grant import sim_proto
 from qubes_gpu_share.grant.expected import (
-    DEFAULT_GRANT_ENTRIES, DOM0_KIND, GRANT_REFUSED_PV_DMA, NO_DMABUF_IOCTLS,
-    RECEIVED_DMABUF, RESERVED_GRANT_REFS, DomainKind, VirtMode, all_kinds,
+    DEFAULT_GRANT_ENTRIES, DOM0_KIND, GNTALLOC_DEFAULT_LIMIT,
+    GRANT_REFUSED_PV_DMA, NO_DMABUF_IOCTLS, NO_DMABUF_MMAP, RECEIVED_DMABUF,
+    RESERVED_GRANT_REFS, DomainKind, Kernel, VirtMode, all_kinds,
     dmabuf_grant_refusal, expected)
 from qubes_gpu_share.grant.open import (BadDeviceSpec, DeviceSpec,
                                         open_grant_device, parse_spec)
@@ -34,6 +35,11 @@ _domids = itertools.count(1)
 KINDS = {
     "qubes-default": (DomainKind(), DomainKind()),
     "receive-fixed": (DomainKind(), DomainKind(receive_fix=True)),
+    # the project's whole kernel series (kernel/) on both sides
+    "fix-series": (DomainKind.of(VirtMode.PVH, Kernel.FIXED),
+                   DomainKind.of(VirtMode.PVH, Kernel.FIXED)),
+    "pv-domu-fixed-provider": (DomainKind.of(VirtMode.PV, Kernel.FIXED),
+                               DOM0_KIND),
     "pv-dom0-consumer": (DomainKind(), DOM0_KIND),
     "dom0-provider": (DOM0_KIND, DomainKind(VirtMode.PV)),
     # DMA addresses are not machine addresses there: no IMP_TO_REFS
@@ -120,7 +126,9 @@ def test_simulator_follows_the_expected_table(domains, kind):
                 receiver.import_dmabuf(provider.domid, grant.refs)
             assert refused.value.errno == table.receive_dmabuf.error.errno
         else:
-            receiver.import_dmabuf(provider.domid, grant.refs).release(1000)
+            imported = receiver.import_dmabuf(provider.domid, grant.refs)
+            assert imported.cpu_mappable() is (table.mmap_dmabuf is None)
+            imported.release(1000)
 
 
 def test_measured_defaults():
@@ -138,10 +146,34 @@ def test_measured_defaults():
     (DOM0_KIND, None),
     (DomainKind(VirtMode.PV, xen_swiotlb=True), None),  # with PCI devices
     (DomainKind(VirtMode.HVM), None),
+    # the gntdev frames fix (kernel/0003)
+    (DomainKind(VirtMode.PV, grant_frames_fix=True), None),
+    (DomainKind.of(VirtMode.PV, Kernel.FIXED), None),
 ])
 def test_pv_grants_dmabufs_only_through_swiotlb_xen(kind, refusal):
     assert expected(kind).grant_dmabuf is refusal
-    assert dmabuf_grant_refusal(kind.virt_mode, kind.xen_swiotlb) is refusal
+    assert dmabuf_grant_refusal(kind.virt_mode, kind.xen_swiotlb,
+                                kind.grant_frames_fix) is refusal
+
+
+@pytest.mark.parametrize("virt", list(VirtMode))
+def test_each_kernel_kind_of_the_lab(virt):
+    """The three kernels the lab measures, as the table says them."""
+    stock, dmabuf, fixed = (expected(DomainKind.of(virt, k)) for k in Kernel)
+    assert stock.grant_dmabuf is stock.receive_dmabuf is NO_DMABUF_IOCTLS
+    assert stock.mmap_dmabuf is NO_DMABUF_IOCTLS and not stock.held_pages
+    assert dmabuf.receive_dmabuf is not None and not dmabuf.held_pages
+    assert (dmabuf.grant_dmabuf is GRANT_REFUSED_PV_DMA) is (
+        virt is VirtMode.PV)
+    assert fixed.grant_dmabuf is None and fixed.held_pages
+    if virt is VirtMode.PV:     # EXP_FROM_REFS is refused in PV, fix or not
+        assert fixed.receive_dmabuf is fixed.mmap_dmabuf is not None
+    else:
+        assert fixed.receive_dmabuf is fixed.mmap_dmabuf is None
+    assert DomainKind.of(virt, Kernel.FIXED).kernel is Kernel.FIXED
+    assert DomainKind(virt, receive_fix=True).kernel is None
+    assert expected(DomainKind(virt, receive_fix=True)).mmap_dmabuf in (
+        NO_DMABUF_MMAP, expected(DomainKind(virt)).receive_dmabuf)
 
 
 def test_missing_ioctls_are_said_before_the_pv_reason():
@@ -187,6 +219,7 @@ def test_full_grant_table_is_enospc_and_takes_nothing(domains):
 def test_default_table_is_xens_64_frames(domains):
     provider, consumer = domains(), domains()
     assert provider.stats().table_size == 64 * 512 - RESERVED_GRANT_REFS
+    provider.gntalloc_limit(64 * 512)   # the admin raised xen-gntalloc's
     with provider.grant_new_pages(64 * 512 - RESERVED_GRANT_REFS,
                                   consumer.domid):
         with pytest.raises(errors.GrantTableFull):
@@ -201,20 +234,220 @@ def test_maptrack_bounds_what_a_domain_maps(domains):
                 consumer.map_grant(provider.domid, grant.refs)
 
 
-# -- hazards and lifetimes --------------------------------------------------
+# -- gntalloc's limit --------------------------------------------------------
 
-def test_revoke_while_mapped_is_a_hazard_and_defers_the_end(domains,
-                                                            hazards):
+def test_gntalloc_refuses_a_full_hd_frame_by_default(domains):
+    """xen-gntalloc's limit parameter (1024 pages, measured in the lab)
+    refuses a 1920x1080 XR24 frame (2025 pages) until an admin raises it."""
+    provider, consumer = domains(), domains()
+    assert provider.gntalloc_limit() == GNTALLOC_DEFAULT_LIMIT == 1024
+    with pytest.raises(errors.GrantTableFull,
+                       match="xen_gntalloc/parameters/limit"):
+        provider.grant_new_pages(2025, consumer.domid)
+    assert provider.stats().table_used == 0
+    with provider.grant_new_pages(1000, consumer.domid):
+        with pytest.raises(errors.GrantTableFull):
+            provider.grant_new_pages(25, consumer.domid)
+        assert provider.stats().gntalloc_pages == 1000
+    assert provider.gntalloc_limit(4096) == 4096
+    provider.grant_new_pages(2025, consumer.domid).revoke()
+    # dma-buf grants are not gntalloc's: its limit does not count them
+    fd = _memfd(2025)
+    try:
+        provider.grant_dmabuf(fd, 2025, consumer.domid).revoke()
+    finally:
+        os.close(fd)
+
+
+def test_gntalloc_does_not_count_a_deferred_end(domains, hazards):
+    """As drivers/xen/gntalloc.c: a dealloc counts at once against the
+    limit, however long the peer keeps the pages mapped."""
+    provider, consumer = domains(), domains()
+    grant = provider.grant_new_pages(1000, consumer.domid)
+    mapping = consumer.map_grant(provider.domid, grant.refs)
+    grant.revoke()
+    assert provider.stats().gntalloc_pages == 0
+    assert provider.stats().deferred_pages == 1000
+    again = provider.grant_new_pages(1000, consumer.domid)  # fits the limit
+    assert provider.stats().table_used == 2000   # both really granted
+    again.revoke()
+    mapping.close()
+    assert provider.stats().table_used == 0
+    assert hazards() == 1
+
+
+# -- ending grants the peer still maps ---------------------------------------
+
+def test_revoke_while_mapped_defers_the_end_as_the_kernel(domains, hazards):
+    """IMP_RELEASE/dealloc while mapped: the grant stays granted (the peer
+    may even map it again), its refs allocated and pages held, until the
+    peer's last mapping goes; the log keeps a line for the project's
+    order, which was not kept."""
     provider, consumer = domains(), domains()
     grant = provider.grant_new_pages(2, consumer.domid)
+    with grant.view().mmap() as pages:
+        pages[:5] = b"still"
     mapping = consumer.map_grant(provider.domid, grant.refs)
     grant.revoke()
     assert hazards() == 1
-    assert provider.stats().table_used == 2  # the deferred end holds refs
+    stats = provider.stats()
+    assert stats.table_used == 2  # the deferred end holds refs
+    assert (stats.deferred_grants, stats.deferred_pages) == (1, 2)
+    second = consumer.map_grant(provider.domid, grant.refs)
+    with second.view().mmap(writable=False) as seen:
+        assert seen[:5] == b"still"  # the page is held, bytes and all
+    mapping.close()
+    assert provider.stats().deferred_pages == 2
+    second.close()
+    stats = provider.stats()
+    assert (stats.table_used, stats.deferred_grants) == (0, 0)
     with pytest.raises(errors.MapRefused):
         consumer.map_grant(provider.domid, grant.refs)
+
+
+def _query_pair(domains, kind=DomainKind.of(VirtMode.PVH, Kernel.FIXED)):
+    return domains(kind), domains(kind)
+
+
+def test_try_end_says_what_the_peer_still_maps(domains, hazards):
+    provider, consumer = _query_pair(domains)
+    fd = _memfd(4)
+    grant = provider.grant_dmabuf(fd, 4, consumer.domid)
+    os.close(fd)
+    mapping = consumer.map_grant(provider.domid, grant.refs[1:3])
+    assert grant.try_end() == 2
+    assert provider.stats().table_used == 4  # all freed together, later
+    with pytest.raises(errors.MapRefused):  # ended: unmapped when asked
+        consumer.map_grant(provider.domid, grant.refs[:1])
+    # still granted: the peer may map what it held again
+    consumer.map_grant(provider.domid, grant.refs[1:3]).close()
+    assert grant.try_end() == 2
+    mapping.close()
+    assert grant.try_end() == 0
+    assert provider.stats().table_used == 0
+    with pytest.raises(errors.AlreadyReleased):
+        grant.try_end()
+    grant.close()
+    assert hazards() == 0   # the project's order was kept: nothing deferred
+
+
+def test_try_end_of_an_unmapped_grant_ends_it_at_once(domains):
+    provider, consumer = _query_pair(domains)
+    fd = _memfd(2)
+    grant = provider.grant_dmabuf(fd, 2, consumer.domid)
+    os.close(fd)
+    assert grant.try_end() == 0
+    with pytest.raises(errors.MapRefused):
+        consumer.map_grant(provider.domid, grant.refs)
+
+
+@pytest.mark.parametrize("kind", [DomainKind(),
+                                  DomainKind.of(VirtMode.PV, Kernel.DMABUF,
+                                                xen_swiotlb=True)])
+def test_try_end_without_the_kernel_patch_is_a_revoke(domains, hazards,
+                                                      kind):
+    provider, consumer = domains(kind), domains()
+    fd = _memfd(1)
+    grant = provider.grant_dmabuf(fd, 1, consumer.domid)
+    os.close(fd)
+    mapping = consumer.map_grant(provider.domid, grant.refs)
+    assert grant.try_end() is None   # cannot tell: ended the old way
+    assert provider.stats().deferred_pages == 1 and hazards() == 1
+    with pytest.raises(errors.AlreadyReleased):
+        grant.revoke()
     mapping.close()
     assert provider.stats().table_used == 0
+
+
+def test_no_kernel_reports_on_gntalloc_pages(domains, hazards):
+    provider, consumer = _query_pair(domains)
+    grant = provider.grant_new_pages(1, consumer.domid)
+    mapping = consumer.map_grant(provider.domid, grant.refs)
+    assert grant.try_end() is None
+    assert provider.stats().deferred_pages == 1
+    mapping.close()
+
+
+def test_a_dead_consumer_releases_what_it_held(domains, hazards):
+    """xl destroy: Xen drops the dead domain's mappings, so the provider's
+    deferred ends complete and try_end reports 0."""
+    provider, consumer = _query_pair(domains)
+    fds = [_memfd(3), _memfd(2)]
+    held = provider.grant_dmabuf(fds[0], 3, consumer.domid)
+    revoked = provider.grant_dmabuf(fds[1], 2, consumer.domid)
+    for fd in fds:
+        os.close(fd)
+    consumer.map_grant(provider.domid, held.refs)
+    consumer.map_grant(provider.domid, revoked.refs)
+    imported = consumer.import_dmabuf(provider.domid, held.refs)
+    assert held.try_end() == 3
+    revoked.revoke()
+    assert provider.stats().deferred_pages == 2
+    provider.destroy_domain(consumer.domid)
+    stats = provider.stats()
+    assert (stats.deferred_grants, stats.deferred_pages) == (0, 0)
+    assert held.try_end() == 0
+    assert provider.stats().table_used == 0
+    with pytest.raises(errors.NoGrantDevice, match="destroyed"):
+        consumer.map_grant(provider.domid, held.refs)
+    imported.close()
+
+
+# -- a received dma-buf for the CPU (kernel/0002) ----------------------------
+
+def test_received_dmabuf_maps_where_the_kernel_can(domains):
+    provider, consumer = _query_pair(domains)
+    with provider.grant_new_pages(2, consumer.domid) as grant:
+        with grant.view().mmap() as pages:
+            pages[PAGE_SIZE:PAGE_SIZE + 9] = b"provider!"
+        imported = consumer.import_dmabuf(provider.domid, grant.refs)
+        assert imported.cpu_mappable()
+        first = imported.view().mmap()
+        second = imported.view().mmap(writable=False)  # any number of maps
+        assert first[PAGE_SIZE:PAGE_SIZE + 9] == b"provider!"
+        first[:8] = b"consumer"
+        assert second[:8] == b"consumer"
+        second.close()
+        with grant.view().mmap(writable=False) as pages:
+            assert pages[:8] == b"consumer"
+        # a mapping holds the dma-buf: release waits for it, as for an fd
+        with pytest.raises(errors.ReleaseTimeout):
+            imported.release(timeout_ms=100)
+        first.close()
+        imported.release(timeout_ms=2000)
+        with pytest.raises(errors.AlreadyReleased):
+            imported.release(timeout_ms=0)
+        assert consumer.stats().mapped_pages == 0
+
+
+def test_received_dmabuf_has_no_mmap_without_the_patch(domains):
+    provider = domains()
+    consumer = domains(DomainKind(receive_fix=True))
+    with provider.grant_new_pages(1, consumer.domid) as grant:
+        imported = consumer.import_dmabuf(provider.domid, grant.refs)
+        assert not imported.cpu_mappable()
+        with pytest.raises(OSError):
+            imported.view().mmap()
+        imported.release(1000)
+
+
+def test_mappable_dmabuf_is_still_not_grantable_on(domains):
+    provider, consumer = _query_pair(domains)
+    fd = _memfd(1)
+    try:
+        with provider.grant_dmabuf(fd, 1, consumer.domid) as grant:
+            imported = consumer.import_dmabuf(provider.domid, grant.refs)
+            with pytest.raises(errors.NotGrantable,
+                               match="cannot be granted on"):
+                consumer.grant_dmabuf(imported.fd, 1, provider.domid)
+            imported.release(1000)
+            # the provider's own memfd is the same inode: still its own
+            provider.grant_dmabuf(fd, 1, consumer.domid).revoke()
+    finally:
+        os.close(fd)
+
+
+# -- hazards and lifetimes --------------------------------------------------
 
 
 def test_revoke_while_imported_is_a_hazard(domains, hazards):
@@ -372,10 +605,10 @@ def test_hello_carries_every_trait(kind):
     assert sim_proto.decode_hello(payload) == (5, kind, 100, 200)
 
 
-@pytest.mark.parametrize("virt, flags", [(3, (1, 0, 0)), (0, (2, 0, 0)),
-                                         (1, (1, 0, 1)), (2, (1, 1, 1))])
-def test_hello_refuses_what_no_kind_is(virt, flags):
-    payload = sim_proto.HELLO.pack(5, virt, *flags, 0, 0)
+@pytest.mark.parametrize("virt, bits", [(3, 1), (0, 1 << 6), (1, 0b101),
+                                        (2, 0b111)])
+def test_hello_refuses_what_no_kind_is(virt, bits):
+    payload = sim_proto.HELLO.pack(5, virt, bits, 0, 0)
     with pytest.raises(sim_proto.ProtocolError):
         sim_proto.decode_hello(payload)
 
@@ -421,6 +654,12 @@ def test_oversized_frames_are_refused():
     ("sim:/x:7:hvm,fix", DeviceSpec("/x", 7, DomainKind(VirtMode.HVM,
                                                          True, True))),
     ("sim:/x:0:pv,swiotlb", DeviceSpec("/x", 0, DOM0_KIND)),
+    ("sim:/x:3:pvh,fixed", DeviceSpec("/x", 3, DomainKind.of(
+        VirtMode.PVH, Kernel.FIXED))),
+    ("sim:/x:3:pv,stock", DeviceSpec("/x", 3, DomainKind.of(
+        VirtMode.PV, Kernel.STOCK))),
+    ("sim:/x:3:pvh,fix,mmap", DeviceSpec("/x", 3, DomainKind(
+        receive_fix=True, dmabuf_mmap=True))),
     ("sim:/x:0:swiotlb,pv", DeviceSpec("/x", 0, DOM0_KIND)),
 ])
 def test_device_spec(text, spec):
@@ -436,7 +675,8 @@ def test_bad_device_spec(text):
 
 
 def test_unknown_trait_lists_the_known_ones():
-    with pytest.raises(BadDeviceSpec, match="nodmabuf, fix, swiotlb"):
+    with pytest.raises(BadDeviceSpec,
+                       match="stock, dmabuf, fixed, nodmabuf, fix, mmap"):
         parse_spec("sim:/x:5:iommu")
 
 
@@ -457,8 +697,10 @@ def test_open_real_without_xen_says_so(monkeypatch):
 
 def test_kinds_are_all_distinct():
     kinds = list(all_kinds())
-    # 3 virt modes x ioctls x fix, and swiotlb-xen only for PV
-    assert len(kinds) == len(set(kinds)) == 16
+    # 3 virt modes x ioctls x 4 patches, and swiotlb-xen only for PV
+    assert len(kinds) == len(set(kinds)) == 4 * 2 ** 5
+    assert all(DomainKind.of(mode, kernel) in kinds
+               for mode in VirtMode for kernel in Kernel)
     assert dataclasses.replace(DomainKind(), receive_fix=True) in kinds
     assert DOM0_KIND in kinds
     assert {kind.virt_mode for kind in kinds if kind.xen_swiotlb} == {

@@ -119,3 +119,45 @@ def test_a_memfd_has_no_exporter():
         assert this_domain.dmabuf_exporter(fd) is None
     finally:
         os.close(fd)
+
+
+# --- where the facts leave it to the kernel ----------------------------------
+
+@pytest.mark.parametrize("answer, refused", [(True, False), (False, True),
+                                             (None, True)])
+def test_pv_domu_asks_the_kernel_about_its_frames(tmp_path, answer, refused):
+    from qubes_gpu_share.grant.expected import GRANT_REFUSED_PV_DMA
+    roots = fake_domain(tmp_path, "PV")
+    asked = []
+
+    def check():
+        asked.append(1)
+        return answer
+    refusal = this_domain.grant_refusal(*roots, frames_check=check)
+    assert (refusal is GRANT_REFUSED_PV_DMA) is refused
+    assert asked == [1]
+
+
+@pytest.mark.parametrize("guest_type, capabilities",
+                         [("PV", "control_d"), ("PVH", None), (None, None)])
+def test_other_domains_never_ask_the_kernel(tmp_path, guest_type,
+                                            capabilities):
+    roots = fake_domain(tmp_path, guest_type, capabilities)
+    assert this_domain.grant_refusal(
+        *roots, frames_check=lambda: pytest.fail("asked")) is None
+
+
+@pytest.mark.parametrize("text, limit", [("1024\n", 1024), ("65536", 65536),
+                                         ("", None), ("-1\n", None),
+                                         ("x", None)])
+def test_gntalloc_limit(tmp_path, text, limit):
+    sys_root, _ = fake_domain(tmp_path)
+    param = tmp_path / "sys" / this_domain.GNTALLOC_LIMIT_PARAM
+    param.parent.mkdir(parents=True)
+    param.write_text(text)
+    assert this_domain.gntalloc_limit(sys_root) == limit
+
+
+def test_gntalloc_not_loaded_is_no_limit(tmp_path):
+    sys_root, _ = fake_domain(tmp_path)
+    assert this_domain.gntalloc_limit(sys_root) is None

@@ -9,7 +9,8 @@ tests/test_native_abi.py checks that against a plain C program.
 Headers (Debian package / Fedora package):
 
 * ``<xen/gntdev.h>``, ``<xen/gntalloc.h>``, ``<linux/udmabuf.h>``,
-  ``<linux/dma-heap.h>``: linux-libc-dev / kernel-headers;
+  ``<linux/dma-heap.h>``, ``<linux/dma-buf.h>``: linux-libc-dev /
+  kernel-headers;
 * ``drm.h``, ``drm_mode.h``: /usr/include/drm (Fedora kernel-headers) or
   /usr/include/libdrm (libdrm-dev; Debian's linux-libc-dev lacks them).
 
@@ -40,6 +41,7 @@ typedef uint16_t domid_t;
 #include <xen/gntalloc.h>
 #include <linux/udmabuf.h>
 #include <linux/dma-heap.h>
+#include <linux/dma-buf.h>
 #include <drm.h>
 #include <drm_mode.h>
 
@@ -48,6 +50,21 @@ typedef uint16_t domid_t;
  * use but do not ship; taken from that header when it is included above. */
 #ifndef GNTCOPY_source_gref
 #define GNTCOPY_source_gref (1 << 0)
+#endif
+
+/* IOCTL_GNTDEV_DMABUF_IMP_TRY_RELEASE: the project's proposed gntdev ioctl
+ * (kernel/0004-*.patch), not in any released kernel's headers yet: defined
+ * here, exactly as the patch's <xen/gntdev.h> does, when the header lacks
+ * it. A kernel without it answers ENOTTY, and the caller falls back to
+ * IMP_RELEASE. tests/test_native_abi.py pins the value. */
+#ifndef IOCTL_GNTDEV_DMABUF_IMP_TRY_RELEASE
+struct ioctl_gntdev_dmabuf_imp_try_release {
+    __u32 fd;
+    __u32 mapped;
+};
+#define IOCTL_GNTDEV_DMABUF_IMP_TRY_RELEASE \
+    _IOC(_IOC_NONE, 'G', 13, \
+         sizeof(struct ioctl_gntdev_dmabuf_imp_try_release))
 #endif
 
 /* ioctl() is variadic; a fixed prototype lets cffi call it directly. */
@@ -74,6 +91,8 @@ struct ioctl_gntdev_dmabuf_imp_to_refs {
     uint32_t refs[1]; ...; };
 struct ioctl_gntdev_dmabuf_imp_release {
     uint32_t fd; uint32_t reserved; ...; };
+struct ioctl_gntdev_dmabuf_imp_try_release {
+    uint32_t fd; uint32_t mapped; ...; };
 struct gntdev_grant_copy_segment {
     union { void *virt;
             struct { uint32_t ref; uint16_t offset; uint16_t domid; } foreign;
@@ -89,6 +108,7 @@ struct ioctl_gntdev_grant_copy {
 #define IOCTL_GNTDEV_DMABUF_EXP_WAIT_RELEASED ...
 #define IOCTL_GNTDEV_DMABUF_IMP_TO_REFS ...
 #define IOCTL_GNTDEV_DMABUF_IMP_RELEASE ...
+#define IOCTL_GNTDEV_DMABUF_IMP_TRY_RELEASE ...
 
 /* <xen/gntalloc.h> */
 struct ioctl_gntalloc_alloc_gref {
@@ -113,17 +133,30 @@ struct dma_heap_allocation_data {
     uint64_t len; uint32_t fd; uint32_t fd_flags; uint64_t heap_flags; ...; };
 #define DMA_HEAP_IOCTL_ALLOC ...
 
-/* <drm.h>, <drm_mode.h>: dumb buffers and PRIME export */
+/* <linux/dma-buf.h>: CPU access brackets for an mmapped dma-buf */
+struct dma_buf_sync { uint64_t flags; ...; };
+#define DMA_BUF_IOCTL_SYNC ...
+#define DMA_BUF_SYNC_READ ...
+#define DMA_BUF_SYNC_WRITE ...
+#define DMA_BUF_SYNC_RW ...
+#define DMA_BUF_SYNC_START ...
+#define DMA_BUF_SYNC_END ...
+
+/* <drm.h>, <drm_mode.h>: dumb buffers, PRIME export and import, and the
+ * dumb buffers' mmap offset */
 struct drm_mode_create_dumb {
     uint32_t height; uint32_t width; uint32_t bpp; uint32_t flags;
     uint32_t handle; uint32_t pitch; uint64_t size; ...; };
 struct drm_mode_destroy_dumb { uint32_t handle; ...; };
 struct drm_prime_handle { uint32_t handle; uint32_t flags; int32_t fd; ...; };
 struct drm_gem_close { uint32_t handle; ...; };
+struct drm_mode_map_dumb { uint32_t handle; uint64_t offset; ...; };
 #define DRM_IOCTL_MODE_CREATE_DUMB ...
 #define DRM_IOCTL_MODE_DESTROY_DUMB ...
 #define DRM_IOCTL_PRIME_HANDLE_TO_FD ...
 #define DRM_IOCTL_GEM_CLOSE ...
+#define DRM_IOCTL_PRIME_FD_TO_HANDLE ...
+#define DRM_IOCTL_MODE_MAP_DUMB ...
 #define DRM_CLOEXEC ...
 #define DRM_RDWR ...
 

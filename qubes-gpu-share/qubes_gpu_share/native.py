@@ -177,11 +177,40 @@ def imp_to_refs(gntdev_fd: int, dmabuf_fd: int, pages: int,
 
 
 def imp_release(gntdev_fd: int, dmabuf_fd: int) -> None:
-    """IMP_RELEASE: end the grants made from ``dmabuf_fd``."""
+    """IMP_RELEASE: end the grants made from ``dmabuf_fd``.
+
+    The kernel cannot end a grant the peer still maps: it defers that end
+    (drivers/xen/grant-table.c, gnttab_add_deferred) and says nothing; the
+    ioctl returns 0 either way."""
     op = ffi.new("struct ioctl_gntdev_dmabuf_imp_release *")
     op.fd = dmabuf_fd
     _ioctl(gntdev_fd, "IOCTL_GNTDEV_DMABUF_IMP_RELEASE", op,
            _grant_refusals("IMP_RELEASE", enoent="already released"))
+
+
+def imp_try_release(gntdev_fd: int, dmabuf_fd: int) -> int:
+    """IMP_TRY_RELEASE (kernel/0004-*.patch): end the grants made from
+    ``dmabuf_fd`` that the peer no longer maps; returns how many it still
+    maps (those stay granted, and the import stays: call again later). 0
+    means every grant was ended and the import released.
+
+    DmabufNotSupported (ENOTTY) on a kernel without the ioctl (or without
+    any DMABUF ioctl): use :func:`imp_release`. AlreadyReleased (ENOENT)
+    when nothing is imported under that fd."""
+    op = ffi.new("struct ioctl_gntdev_dmabuf_imp_try_release *")
+    op.fd = dmabuf_fd
+    base = _grant_refusals("IMP_TRY_RELEASE", enoent="not imported "
+                           "(already released)")
+
+    def explain(err: int) -> GrantError | None:
+        if err == errno.ENOTTY:
+            return DmabufNotSupported(
+                "IMP_TRY_RELEASE: this kernel's gntdev cannot say which "
+                "grants the peer still maps (ENOTTY; kernel/0004-*.patch "
+                "adds it); ending grants with IMP_RELEASE instead")
+        return base(err)
+    _ioctl(gntdev_fd, "IOCTL_GNTDEV_DMABUF_IMP_TRY_RELEASE", op, explain)
+    return op.mapped
 
 
 # --- gntdev: receiving (consumer) --------------------------------------------
@@ -326,6 +355,22 @@ def gntalloc_set_unmap_notify(gntalloc_fd: int, index: int,
     _ioctl(gntalloc_fd, "IOCTL_GNTALLOC_SET_UNMAP_NOTIFY", op)
 
 
+# --- dma-bufs mapped for the CPU ---------------------------------------------
+
+def dma_buf_sync(dmabuf_fd: int, start: bool, read: bool = True,
+                 write: bool = True) -> None:
+    """DMA_BUF_IOCTL_SYNC: bracket CPU access to an mmapped dma-buf
+    (``start`` before reading or writing it, then the same flags with
+    ``start`` False). OSError with errno kept: a file that is no dma-buf
+    answers ENOTTY."""
+    op = ffi.new("struct dma_buf_sync *")
+    op.flags = (lib.DMA_BUF_SYNC_START if start else lib.DMA_BUF_SYNC_END) \
+        | (lib.DMA_BUF_SYNC_READ if read else 0) \
+        | (lib.DMA_BUF_SYNC_WRITE if write else 0)
+    _ioctl(dmabuf_fd, "DMA_BUF_IOCTL_SYNC", op, _os_error(
+        "DMA_BUF_IOCTL_SYNC", "not a dma-buf", (errno.ENOTTY,)))
+
+
 # --- buffer sources: udmabuf, dma-heap, DRM dumb buffers -------------------
 
 def _os_error(name: str, hint: str,
@@ -392,6 +437,30 @@ def drm_prime_handle_to_fd(drm_fd: int, handle: int) -> int:
         "helpers cannot): it cannot be granted, allocate in system memory",
         (errno.ENOSYS, errno.EOPNOTSUPP)))
     return op.fd
+
+
+def drm_prime_fd_to_handle(drm_fd: int, dmabuf_fd: int) -> int:
+    """PRIME_FD_TO_HANDLE: import a dma-buf into a DRM device; its GEM
+    handle (close it with :func:`drm_gem_close`)."""
+    op = ffi.new("struct drm_prime_handle *")
+    op.fd = dmabuf_fd
+    _ioctl(drm_fd, "DRM_IOCTL_PRIME_FD_TO_HANDLE", op, _os_error(
+        "PRIME_FD_TO_HANDLE", "the driver cannot import this dma-buf",
+        (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)))
+    return op.handle
+
+
+def drm_map_dumb(drm_fd: int, handle: int) -> int:
+    """MODE_MAP_DUMB: the offset at which to mmap a GEM object through the
+    DRM device (its GEM mmap). DRM core refuses imported objects (EINVAL:
+    drm_gem_dumb_map_offset, "Don't allow imported objects to be
+    mapped")."""
+    op = ffi.new("struct drm_mode_map_dumb *")
+    op.handle = handle
+    _ioctl(drm_fd, "DRM_IOCTL_MODE_MAP_DUMB", op, _os_error(
+        "MODE_MAP_DUMB", "DRM core gives no mmap offset for an imported "
+        "(PRIME) object"))
+    return op.offset
 
 
 # --- this domain's id --------------------------------------------------------

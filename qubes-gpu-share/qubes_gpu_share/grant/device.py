@@ -14,6 +14,14 @@ Provider side (the qube that owns pages):
   granted to one domain, for providers without a dma-buf source; ended by
   :meth:`Grant.revoke` (DEALLOC_GREF + unmap).
 
+Ending a grant the peer still maps: the kernel cannot take the pages back.
+:meth:`Grant.revoke` hands the end to the kernel, which defers it (the
+grant entry and the page stay allocated until the peer unmaps or dies,
+drivers/xen/grant-table.c) and tells nobody. :meth:`Grant.try_end` ends
+only what the peer no longer maps and says how many pages it still holds,
+where the kernel can tell (IMP_TRY_RELEASE, kernel/0004; not gntalloc):
+call it again later to see them go.
+
 Consumer side (the qube that receives refs):
 
 * :meth:`GrantDevice.map_grant` -- MAP_GRANT_REF + mmap, ``cpu`` mode, works in
@@ -116,10 +124,33 @@ class Grant(_Owned):
     def revoke(self) -> None:
         """End the grant (IMP_RELEASE, or DEALLOC_GREF for gntalloc pages).
 
-        Call only after the consumer confirmed it unmapped. Raises
-        AlreadyReleased when called twice on the real device's terms
-        (``close`` is the idempotent variant).
+        Call only after the consumer confirmed it unmapped: what the peer
+        still maps stays granted, its end deferred by the kernel, unseen
+        (use :meth:`try_end` to know). Raises AlreadyReleased when called
+        twice on the real device's terms (``close`` is the idempotent
+        variant).
         """
+
+    def try_end(self) -> int | None:
+        """End every page's grant that the peer no longer maps; return the
+        number of pages it still maps, or None when the kernel cannot tell.
+
+        * 0: every grant ended; this object is revoked (as by
+          :meth:`revoke`);
+        * N > 0: those N pages are still mapped by the peer and stay
+          granted (the buffer with them); the others were ended and cannot
+          be mapped again. Call again later: the count falls as the peer
+          unmaps, and to 0 when its domain dies (Xen drops a dead domain's
+          mappings);
+        * None: this kernel cannot say (no IMP_TRY_RELEASE, or gntalloc
+          pages): the grant was ended with :meth:`revoke`, and what the
+          peer still maps is deferred by the kernel, out of sight.
+
+        The default (any grant without a report) is :meth:`revoke`.
+        AlreadyReleased once the grant is fully ended.
+        """
+        self.revoke()
+        return None
 
     def close(self) -> None:
         if not getattr(self, "_revoked", False):
@@ -158,8 +189,34 @@ class ImportedDmabuf(_Owned):
 
     domid: int
     refs: tuple[int, ...]
-    #: the dma-buf fd (no mmap: it is for import into a GPU driver)
+    #: the dma-buf fd: for import into a GPU driver (PRIME) and, where the
+    #: kernel's exporter has mmap (kernel/0002), for the CPU (:meth:`view`)
     fd: int
+
+    @property
+    def length(self) -> int:
+        return len(self.refs) * PAGE_SIZE
+
+    def view(self) -> CpuView:
+        """The dma-buf for the CPU: ``mmap`` it (any number of times,
+        unlike a cpu-mode mapping), bracketing access with
+        DMA_BUF_IOCTL_SYNC. Mapping fails (OSError, EINVAL) where the
+        kernel's exporter has no mmap; :meth:`cpu_mappable` asks. Every
+        mapping keeps the dma-buf alive, so :meth:`release` waits for the
+        mappings too."""
+        if self.fd < 0:
+            raise ValueError("the dma-buf was released")
+        return CpuView(self.fd, 0, self.length)
+
+    def cpu_mappable(self) -> bool:
+        """Whether this dma-buf maps for the CPU here: tried (an mmap and
+        munmap of its first page, which a dma-buf allows any number of
+        times)."""
+        try:
+            with CpuView(self.fd, 0, PAGE_SIZE).mmap(writable=False):
+                return True
+        except (OSError, ValueError):
+            return False
 
     @abc.abstractmethod
     def release(self, timeout_ms: int) -> None:

@@ -16,9 +16,12 @@ Each constructor undoes what it opened when a later step fails (ExitStack),
 so no fd leaks on an error path.
 
 Two grants the kernel makes without complaint are refused here first
-(expected.py): any IMP_TO_REFS in a PV domain without swiotlb-xen (the refs
-would name wrong frames), and IMP_TO_REFS of a dma-buf gntdev exported from
-foreign refs (Xen refuses every such ref when the peer maps it).
+(expected.py): IMP_TO_REFS in a PV domain without swiotlb-xen whose kernel
+grants wrong frames (the refs would name other frames than the buffer's;
+a kernel with the gntdev frames fix, kernel/0003, is recognised by granting
+the right ones: :func:`kernel_grants_own_frames`), and IMP_TO_REFS of a
+dma-buf gntdev exported from foreign refs (Xen refuses every such ref when
+the peer maps it).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from . import this_domain
 from .device import (
     AllocatedGrant, CpuView, Grant, GrantDevice, ImportedDmabuf, Mapping,
     check_page_count)
-from .errors import AlreadyReleased, DmabufNotSupported, MapRefused
+from .errors import (AlreadyReleased, DmabufNotSupported, GrantError,
+                     MapRefused, NoGrantDevice)
 from .expected import NO_DMABUF_IOCTLS, RECEIVED_DMABUF, Refusal
 
 #: exp_name of the dma-bufs EXP_FROM_REFS makes: KBUILD_MODNAME of
@@ -74,6 +78,27 @@ class DmabufGrant(Grant):
             self._finish()
             raise
         self._finish()
+
+    def try_end(self) -> int | None:
+        """IMP_TRY_RELEASE: end what the peer no longer maps; the pages it
+        still maps stay granted and the dup of the dma-buf stays open (the
+        kernel keys the import by its number) until a later call finds
+        them unmapped. A kernel without the ioctl: IMP_RELEASE, None."""
+        if self._revoked:
+            raise AlreadyReleased(
+                f"grant of {self.pages} pages to domain {self.domid} was "
+                f"already revoked")
+        try:
+            held = native.imp_try_release(self._gntdev_fd, self._dmabuf_fd)
+        except DmabufNotSupported:
+            self.revoke()
+            return None
+        except AlreadyReleased:
+            self._finish()
+            raise
+        if held == 0:
+            self._finish()
+        return held
 
     def _finish(self) -> None:
         self._revoked = True
@@ -148,7 +173,11 @@ class GntdevMapping(Mapping):
 
 
 class GntdevImport(ImportedDmabuf):
-    """A local dma-buf of foreign refs (EXP_FROM_REFS) on a private gntdev."""
+    """A local dma-buf of foreign refs (EXP_FROM_REFS) on a private gntdev.
+
+    With the gntdev mmap patch (kernel/0002) it maps for the CPU
+    (:meth:`view`); every mapping holds the dma-buf, and EXP_WAIT_RELEASED
+    waits for the mappings as for the fds."""
 
     def __init__(self, gntdev_fd: int, dmabuf_fd: int, domid: int,
                  refs: tuple[int, ...]):
@@ -211,6 +240,68 @@ def _dmabuf_ioctls_present() -> bool:
     return True
 
 
+#: what the frames check writes into its page and reads back through the
+#: grant
+_FRAMES_PROBE = b"qubes-gpu-share: own frames?\n"
+
+
+def kernel_grants_own_frames() -> bool | None:
+    """Whether this kernel's IMP_TO_REFS grants a buffer's own frames,
+    tried: one page of a fresh udmabuf, with known bytes, granted to this
+    domain itself and mapped back (MAP_GRANT_REF + mmap), read-only.
+
+    For a PV domain without swiotlb-xen, the only place it is asked:
+    Debian's 6.1 gntdev grants wrong frames there (Xen refuses the map,
+    GNTST_bad_page, or another page shows), a kernel with the gntdev frames
+    fix (kernel/0003) the right ones. Mapping a grant of one's own is
+    harmless in PV (lab/README.md, finding 4 is PVH's). True, False, or
+    None when it cannot be tried (no udmabuf, no DMABUF ioctls, no grant
+    device or domain id).
+    """
+    from ..alloc.udmabuf import UdmabufAllocator
+    allocator = UdmabufAllocator()
+    if not allocator.availability().ok:
+        return None
+    try:
+        domid = native.own_domid()
+        allocation = allocator.allocate(PAGE_SIZE)
+    except (GrantError, OSError, ValueError):
+        return None
+    with allocation:
+        with allocation.mmap() as page:
+            page[:len(_FRAMES_PROBE)] = _FRAMES_PROBE
+        try:
+            grant = imp_to_refs(allocation.fd, 1, domid)
+        except DmabufNotSupported:
+            return None
+        except GrantError:
+            return False
+        with grant:
+            return _reads_back(domid, grant.refs, _FRAMES_PROBE)
+
+
+def _reads_back(domid: int, refs: tuple[int, ...], want: bytes) -> bool:
+    """Map our own refs read-only and compare their first bytes."""
+    try:
+        gntdev_fd = native.open_gntdev(writable=False)
+    except NoGrantDevice:
+        return False
+    try:
+        index = native.map_grant_ref(gntdev_fd, domid, refs)
+        try:
+            with CpuView(gntdev_fd, index, PAGE_SIZE).mmap(
+                    writable=False) as view:
+                return bytes(view[:len(want)]) == want
+        except OSError:     # Xen refused to map a frame (GNTST_bad_page)
+            return False
+        finally:
+            native.unmap_grant_ref(gntdev_fd, index, len(refs))
+    except GrantError:
+        return False
+    finally:
+        os.close(gntdev_fd)
+
+
 def imp_to_refs(dmabuf_fd: int, pages: int, to_domid: int) -> DmabufGrant:
     """The kernel's IMP_TO_REFS on its own gntdev fd, with none of the
     project's refusals before it: :meth:`GntdevDevice.grant_dmabuf` checks
@@ -235,17 +326,22 @@ class GntdevDevice(GrantDevice):
     """
 
     def __init__(self, sys_root: str | None = None,
-                 proc_root: str | None = None) -> None:
+                 proc_root: str | None = None,
+                 frames_check: this_domain.FramesCheck | None = None
+                 ) -> None:
         os.close(native.open_gntdev())
         self._sys_root = sys_root or this_domain.SYS_ROOT
         self._proc_root = proc_root or this_domain.PROC_ROOT
+        self._frames_check = frames_check
 
     @functools.cached_property
     def _domain_refusal(self) -> Refusal | None:
         """Why no IMP_TO_REFS may be made in this domain, or None; read on
-        the first grant, once. A kernel without the DMABUF ioctls says so
-        rather than the PV reason, as the table does."""
-        refusal = this_domain.grant_refusal(self._sys_root, self._proc_root)
+        the first grant, once (where the facts leave it open, by asking the
+        kernel: this_domain.grant_refusal). A kernel without the DMABUF
+        ioctls says so rather than the PV reason, as the table does."""
+        refusal = this_domain.grant_refusal(self._sys_root, self._proc_root,
+                                            self._frames_check)
         if refusal is not None and not _dmabuf_ioctls_present():
             return NO_DMABUF_IOCTLS
         return refusal
@@ -258,6 +354,11 @@ class GntdevDevice(GrantDevice):
             refusal = RECEIVED_DMABUF
         if refusal is not None:
             raise refusal.exception()
+
+    def dmabuf_grant_refusal(self) -> Refusal | None:
+        """Why this domain grants no dma-buf at all (the refusal
+        :meth:`grant_dmabuf` would raise for any buffer), or None."""
+        return self._domain_refusal
 
     def grant_dmabuf(self, dmabuf_fd: int, pages: int,
                      to_domid: int) -> DmabufGrant:

@@ -8,11 +8,13 @@ system):
 * unset, empty or ``real`` -- /dev/xen/gntdev (:mod:`.gntdev`, imported only
   then, so the simulator works where the native module is not built);
 * ``sim:SOCKET:DOMID[:TRAITS]`` -- the simulated hypervisor on SOCKET, as
-  domain DOMID; TRAITS is a comma list of ``pv``/``pvh``/``hvm``,
-  ``nodmabuf`` (kernel without CONFIG_XEN_GNTDEV_DMABUF), ``fix`` (dma-buf
-  receive fix present) and ``swiotlb`` (PV only: DMA through swiotlb-xen, as
-  in dom0 or a PV domU with PCI devices); what is not said comes from
-  expected.DomainKind.
+  domain DOMID; TRAITS is a comma list of ``pv``/``pvh``/``hvm``, a kernel
+  (``stock``: no CONFIG_XEN_GNTDEV_DMABUF, ``dmabuf``: with it, ``fixed``:
+  with the project's whole series, kernel/), single patches (``fix``:
+  receive, 0001; ``mmap``: 0002; ``frames``: 0003; ``query``: 0004),
+  ``nodmabuf`` (as ``stock``) and ``swiotlb`` (PV only: DMA through
+  swiotlb-xen, as in dom0 or a PV domU with PCI devices); what is not said
+  comes from expected.DomainKind.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 
 from ..names import DOMID_FIRST_RESERVED
 from .device import GrantDevice
-from .expected import DomainKind, VirtMode
+from .expected import KERNEL_TRAITS, DomainKind, Kernel, VirtMode
 
 ENV = "QUBES_GPU_SHARE_GRANT"
 
@@ -63,18 +65,31 @@ def parse_spec(text: str) -> DeviceSpec:
     return DeviceSpec(":".join(parts), domid, kind)
 
 
-#: Trait words besides the virt modes: the DomainKind field each sets, and
-#: to what.
+#: Trait words besides the virt modes and kernels: the DomainKind field
+#: each sets, and to what.
 TRAITS = {"nodmabuf": ("dmabuf_ioctls", False),
           "fix": ("receive_fix", True),
+          "mmap": ("dmabuf_mmap", True),
+          "frames": ("grant_frames_fix", True),
+          "query": ("release_query", True),
           "swiotlb": ("xen_swiotlb", True)}
 
 
+KNOWN_WORDS = (*(mode.value for mode in VirtMode),
+               *(kernel.value for kernel in Kernel), *TRAITS)
+
+
 def parse_traits(text: str) -> DomainKind:
-    """A DomainKind from a comma list such as ``pv,nodmabuf`` (in any
-    order: ``swiotlb,pv`` is a PV kind)."""
+    """A DomainKind from a comma list such as ``pv,nodmabuf`` or
+    ``pvh,fixed`` (in any order: ``swiotlb,pv`` is a PV kind; a kernel
+    word sets its traits first, single trait words add to them)."""
     fields: dict[str, object] = {}
     for word in text.split(","):
+        if word in {kernel.value for kernel in Kernel}:
+            fields = {**KERNEL_TRAITS[Kernel(word)], **fields}
+    for word in text.split(","):
+        if word in {kernel.value for kernel in Kernel}:
+            continue
         if word in {mode.value for mode in VirtMode}:
             fields["virt_mode"] = VirtMode(word)
         elif word in TRAITS:
@@ -83,7 +98,7 @@ def parse_traits(text: str) -> DomainKind:
         else:
             raise BadDeviceSpec(
                 f"{ENV}: unknown trait {word!r} (known: "
-                f"{', '.join([*(m.value for m in VirtMode), *TRAITS])})")
+                f"{', '.join(KNOWN_WORDS)})")
     try:
         return DomainKind(**fields)
     except ValueError as exc:

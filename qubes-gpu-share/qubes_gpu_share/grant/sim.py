@@ -9,7 +9,9 @@ the rules of expected.py. One request, one reply per operation.
 In the simulation a dma-buf to grant is a memfd of exactly the granted
 size (one this simulator exported is refused, as Xen refuses to grant a
 received dma-buf on); a mapping is a view on the provider's own memfd, so a
-write on one side is read on the other, without a copy.
+write on one side is read on the other, without a copy. A received dma-buf
+maps for the CPU where the domain's kernel has the exporter's mmap
+(``dmabuf_mmap``), and not elsewhere.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from . import errors
 from .device import (AllocatedGrant, CpuView, Grant, GrantDevice,
                      ImportedDmabuf, Mapping, check_page_count)
 from .expected import DomainKind
-from .sim_proto import (ANCILLARY_SIZE, EXPORT, GRANT, ID, MAP, MAPPED,
-                        PEEKED, STATS, STATS_REPLY, STATUS_OK, WAIT,
+from .sim_proto import (ANCILLARY_SIZE, DOMID, EXPORT, GRANT, HELD, ID,
+                        LIMIT, MAP, MAPPED, PEEKED, STATS, STATS_REPLY,
+                        STATUS_OK, WAIT,
                         FrameReader, Op, ProtocolError, SimulatorLimit,
                         decode_error, decode_runs, encode_hello, encode_refs,
                         expand_runs, frame, rights, split_fixed, u32_array)
@@ -49,6 +52,13 @@ class SimStats:
     exports: int
     hypervisor_fds: int
     hazards: int
+    #: grants revoked while their peer held pages, not freed yet (the
+    #: kernel's deferred ends), and the pages still held
+    deferred_grants: int = 0
+    deferred_pages: int = 0
+    #: xen-gntalloc's accounting: pages allocated now, and its limit
+    gntalloc_pages: int = 0
+    gntalloc_limit: int = 0
 
 
 class SimGrantDevice(GrantDevice):
@@ -135,6 +145,18 @@ class SimGrantDevice(GrantDevice):
             self.domid if domid is None else domid))
         return SimStats(*STATS_REPLY.unpack(payload))
 
+    def destroy_domain(self, domid: int) -> None:
+        """Kill domain ``domid`` (``xl destroy``): Xen drops its mappings
+        and exports, its grants end, its devices answer NoGrantDevice."""
+        self._call(Op.DESTROY, DOMID.pack(domid))
+
+    def gntalloc_limit(self, pages: int | None = None) -> int:
+        """xen-gntalloc's ``limit`` in this domain: read it, or set it (what
+        an admin writes to /sys/module/xen_gntalloc/parameters/limit)."""
+        payload, _ = self._call(Op.GNTALLOC_LIMIT,
+                                LIMIT.pack(-1 if pages is None else pages))
+        return HELD.unpack(payload)[0]
+
     @contextlib.contextmanager
     def received_pages(self, dmabuf_fd: int) -> Iterator[mmap.mmap]:
         """The pages behind a dma-buf this domain received (import_dmabuf),
@@ -217,6 +239,19 @@ class _SimGrant(Grant):
         self._revoked = True
         self._device._call(Op.REVOKE, ID.pack(self._gid))
 
+    def try_end(self) -> int | None:
+        if self._revoked:
+            raise errors.AlreadyReleased(f"grant {self._gid} already revoked")
+        try:
+            payload, _ = self._device._call(Op.TRY_END, ID.pack(self._gid))
+        except errors.DmabufNotSupported:
+            self.revoke()
+            return None
+        (held,) = HELD.unpack(payload)
+        if held == 0:
+            self._revoked = True
+        return held
+
     def close(self) -> None:
         with contextlib.suppress(errors.AlreadyReleased):
             super().close()
@@ -238,6 +273,11 @@ class _SimAllocatedGrant(_SimGrant, AllocatedGrant):
             os.close(self._fd)
             self._fd = -1
         super().revoke()
+
+    def try_end(self) -> int | None:
+        """gntalloc pages: no kernel says what the peer still maps."""
+        self.revoke()
+        return None
 
 
 class _SimMapping(Mapping):

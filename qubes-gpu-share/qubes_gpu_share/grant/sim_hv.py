@@ -7,23 +7,33 @@ providers pass memfds (the simulation's dma-bufs) with SCM_RIGHTS, mappers
 get the same memfd back with the offset of their pages, so both sides see
 the very same pages.
 
-A simulated EXP_FROM_REFS hands out one end of a socketpair: like the real
-exported dma-buf it cannot be mmapped, and when every copy of it is closed
-the hypervisor reads EOF on the other end, which is "the last user let go"
-for EXP_WAIT_RELEASED. Granting that fd on is recognised by its inode and
+A simulated EXP_FROM_REFS hands out, in a domain whose kernel's exporter
+has no mmap, one end of a socketpair: like the real exported dma-buf it
+cannot be mmapped, and when every copy of it is closed the hypervisor reads
+EOF on the other end, which is "the last user let go" for
+EXP_WAIT_RELEASED. Where the kernel's exporter has mmap (kernel/0002), it
+hands out a new open file of the pages' memfd instead, which maps them, and
+holds an OFD lock on it: the lock goes when the last copy of that open file
+is closed and the last mapping of it is gone (a mapping holds the file, as
+a real dma-buf's mapping does), which the hypervisor polls for. Granting
+either on is recognised (by its inode, in the domain that received it) and
 refused, as Xen refuses to grant pages that are grant mappings.
 
 Closing a connection is closing /dev/xen/gntdev: the process's mappings go,
-its grants end (a hazard if a peer still maps them).
+its grants end (deferred, and a line in the hazard log, if a peer still
+maps them). DESTROY is a domain dying: Xen drops its mappings, so the
+deferred ends of its peers' grants complete.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import itertools
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 
 from ..formats import PAGE_SIZE
@@ -31,14 +41,24 @@ from ..names import DOMID_FIRST_RESERVED
 from . import errors
 from .device import check_page_count
 from .expected import (DEFAULT_GRANT_ENTRIES, DEFAULT_MAPTRACK_ENTRIES,
-                       RECEIVED_DMABUF, RESERVED_GRANT_REFS, expected)
-from .sim_proto import (ANCILLARY_SIZE, EXPORT, GRANT, ID, MAP, MAPPED,
-                        PEEKED, STATS, STATS_REPLY, STATUS_ERROR, STATUS_OK,
-                        WAIT, FrameReader, Op, ProtocolError, decode_hello,
-                        decode_runs, encode_error, encode_runs, frame, rights,
-                        split_fixed)
+                       NO_DMABUF_IOCTLS, RECEIVED_DMABUF, RESERVED_GRANT_REFS,
+                       expected)
+from .sim_proto import (ANCILLARY_SIZE, DOMID, EXPORT, GRANT, HELD, ID, LIMIT,
+                        MAP, MAPPED, PEEKED, STATS, STATS_REPLY, STATUS_ERROR,
+                        STATUS_OK, WAIT, FrameReader, Op, ProtocolError,
+                        SimulatorLimit, decode_hello, decode_runs,
+                        encode_error, encode_runs, frame, rights, split_fixed)
 from .sim_tables import (Backing, Domain, Grant, Mapped, end_grant,
-                         memfd_pages, resolve_mapping, unmap)
+                         memfd_pages, resolve_mapping, try_end_grant, unmap)
+
+#: Where the OFD locks that track mmap-able exports live: far beyond any
+#: memfd's size (a lock needs no data there), one byte per export.
+_LOCK_BASE = 1 << 50
+#: struct flock (x86-64 and every 64-bit Linux): type, whence, start, len,
+#: pid; for F_OFD_SETLK / F_OFD_GETLK, whose pid must be 0.
+_FLOCK = struct.Struct("hh4xqqi4x")
+#: how often the hypervisor looks whether mmap-able exports were released
+_REAP_SECONDS = 0.02
 
 
 @dataclasses.dataclass
@@ -56,16 +76,22 @@ class Connection:
     domain: Domain | None = None
     grants: dict[int, Grant] = dataclasses.field(default_factory=dict)
     mappings: dict[int, Mapped] = dataclasses.field(default_factory=dict)
+    #: its domain was destroyed: every further request is refused
+    dead: bool = False
 
 
 @dataclasses.dataclass(eq=False)
 class Export:
-    """A dma-buf made by EXP_FROM_REFS; alive until its last fd is closed."""
+    """A dma-buf made by EXP_FROM_REFS; alive until its last fd is closed
+    (and, where it can be mmapped, its last mapping is gone)."""
 
     mapped: Mapped
-    watch: socket.socket
+    #: the socketpair end whose EOF says released (no-mmap kinds), or None
+    watch: socket.socket | None
     inode: tuple[int, int]
     released: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    #: the byte whose OFD lock says the export is alive (mmap kinds)
+    lock_at: int = -1
 
 
 class Hypervisor:
@@ -79,14 +105,18 @@ class Hypervisor:
         self.hazards: list[str] = []
         self._ids = itertools.count(1)
         self._exports: dict[int, Export] = {}
-        self._export_inodes: dict[tuple[int, int], Export] = {}
+        self._export_inodes: dict[tuple[int, int], list[Export]] = {}
         self._handlers: dict[int, Callable[..., Reply | Awaitable[Reply]]] = {
             Op.HELLO: self._hello, Op.GRANT_DMABUF: self._grant_dmabuf,
             Op.GRANT_NEW: self._grant_new, Op.REVOKE: self._revoke,
             Op.MAP: self._map, Op.UNMAP: self._unmap,
             Op.EXPORT: self._export, Op.WAIT: self._wait,
             Op.HAZARDS: self._hazards, Op.STATS: self._stats,
-            Op.PEEK: self._peek}
+            Op.PEEK: self._peek, Op.TRY_END: self._try_end,
+            Op.DESTROY: self._destroy,
+            Op.GNTALLOC_LIMIT: self._gntalloc_limit}
+        #: open devices per domain id (to refuse them once it died)
+        self._conns: dict[int, set[Connection]] = {}
 
     # -- I/O --------------------------------------------------------------
 
@@ -98,6 +128,7 @@ class Hypervisor:
         server.bind(path)
         server.listen(64)
         tasks: set[asyncio.Task] = set()
+        reaper = asyncio.create_task(self._reap_forever())
         try:
             while True:
                 sock, _ = await loop.sock_accept(server)
@@ -106,6 +137,7 @@ class Hypervisor:
                 task.add_done_callback(tasks.discard)
         finally:
             server.close()
+            reaper.cancel()
             for task in tasks:
                 task.cancel()
 
@@ -132,6 +164,9 @@ class Hypervisor:
                 raise ProtocolError(f"unknown operation {op}")
             if op != Op.HELLO and conn.domain is None:
                 raise ProtocolError("say HELLO first")
+            if conn.dead and op not in (Op.HAZARDS, Op.STATS):
+                raise errors.NoGrantDevice(
+                    f"domain {conn.domain.domid} was destroyed")
             reply = handler(conn, payload, fds)
             if asyncio.iscoroutine(reply):
                 reply = await reply
@@ -151,6 +186,8 @@ class Hypervisor:
             self._note(end_grant(grant), "provider closed its device: ")
         conn.mappings.clear()
         conn.grants.clear()
+        if conn.domain is not None:
+            self._conns.get(conn.domain.domid, set()).discard(conn)
 
     def _note(self, hazard: str | None, prefix: str = "") -> None:
         if hazard:
@@ -177,6 +214,7 @@ class Hypervisor:
             raise ProtocolError(
                 f"domain {domid} exists with other traits: {domain.kind}")
         conn.domain = domain
+        self._conns.setdefault(domid, set()).add(conn)
         return Reply()
 
     def _grant_dmabuf(self, conn: Connection, payload: bytes,
@@ -188,7 +226,7 @@ class Hypervisor:
         check_page_count(pages)
         if len(fds) != 1:
             raise ProtocolError("GRANT_DMABUF needs one fd")
-        if self._export_of(fds[0]) is not None:
+        if self._export_of(fds[0], conn.domain) is not None:
             raise RECEIVED_DMABUF.exception()
         memfd_pages(fds[0], pages)  # any other fd is refused
         grant = Grant(next(self._ids), conn.domain, to_domid,
@@ -196,29 +234,45 @@ class Hypervisor:
         grant.runs = conn.domain.table.allocate(grant)
         fds.pop()  # kept by the grant (the attachment IMP_TO_REFS makes)
         grant.backing.hold()
+        conn.domain.live.add(grant)
         conn.grants[grant.gid] = grant
         return Reply(ID.pack(grant.gid) + encode_runs(grant.runs))
 
-    def _export_of(self, fd: int) -> Export | None:
-        """The dma-buf this hypervisor exported (EXP_FROM_REFS) that ``fd``
-        is a copy of, if it is one."""
+    def _export_of(self, fd: int, domain: Domain | None = None
+                   ) -> Export | None:
+        """The dma-buf this hypervisor exported (EXP_FROM_REFS) to
+        ``domain`` (any domain: None) that ``fd`` is a copy of, if it is
+        one. An mmap-able export shares its inode with the granted memfd,
+        so only the domain that received it is asked about."""
         st = os.fstat(fd)
-        return self._export_inodes.get((st.st_dev, st.st_ino))
+        for export in self._export_inodes.get((st.st_dev, st.st_ino), ()):
+            if domain is None or export.mapped.domain is domain:
+                return export
+        return None
 
     def _grant_new(self, conn: Connection, payload: bytes,
                    fds: list[int]) -> Reply:
         (pages, to_domid), _ = split_fixed(payload, GRANT)
         check_page_count(pages)
+        domain = conn.domain
+        if domain.gntalloc_pages + pages > domain.gntalloc_limit:
+            raise errors.GrantTableFull(
+                f"ALLOC_GREF: no room for {pages} pages (ENOSPC): "
+                f"xen-gntalloc's limit of {domain.gntalloc_limit} pages is "
+                f"reached ({domain.gntalloc_pages} in use; "
+                f"/sys/module/xen_gntalloc/parameters/limit)")
         fd = os.memfd_create("sim-gntalloc", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, pages * PAGE_SIZE)
-            grant = Grant(next(self._ids), conn.domain, to_domid,
+            grant = Grant(next(self._ids), domain, to_domid,
                           Backing(fd), 0, pages, "gntalloc")
-            grant.runs = conn.domain.table.allocate(grant)
+            grant.runs = domain.table.allocate(grant)
         except BaseException:
             os.close(fd)
             raise
         grant.backing.hold()
+        domain.live.add(grant)
+        domain.gntalloc_pages += pages
         conn.grants[grant.gid] = grant
         return Reply(ID.pack(grant.gid) + encode_runs(grant.runs), fd)
 
@@ -231,6 +285,51 @@ class Hypervisor:
         self._note(end_grant(grant))
         return Reply()
 
+    def _try_end(self, conn: Connection, payload: bytes,
+                 fds: list[int]) -> Reply:
+        """IMP_TRY_RELEASE (kernel/0004): dma-buf grants of a kernel that
+        has it; anything else answers as that kernel would (ENOTTY)."""
+        (gid,), _ = split_fixed(payload, ID)
+        self._reap_exports()
+        grant = conn.grants.get(gid)
+        if grant is None:
+            raise errors.AlreadyReleased(f"no grant {gid} (already ended)")
+        kind = conn.domain.kind
+        if grant.what != "dma-buf" or not kind.dmabuf_ioctls \
+                or not kind.release_query:
+            raise errors.DmabufNotSupported(
+                NO_DMABUF_IOCTLS.reason if not kind.dmabuf_ioctls else
+                "IMP_TRY_RELEASE: this kernel cannot say which grants the "
+                "peer still maps (ENOTTY)" if grant.what == "dma-buf" else
+                "gntalloc pages: no kernel says which the peer still maps")
+        held = try_end_grant(grant)
+        if held == 0:
+            del conn.grants[gid]
+        return Reply(HELD.pack(held))
+
+    def _destroy(self, conn: Connection, payload: bytes,
+                 fds: list[int]) -> Reply:
+        """A domain died (xl destroy): Xen drops every mapping it had, its
+        grants end, its devices answer nothing more."""
+        (domid,), _ = split_fixed(payload, DOMID)
+        for victim in list(self._conns.pop(domid, ())):
+            self._drop_connection(victim)
+            victim.dead = True
+        for export in list(self._exports.values()):
+            if export.mapped.domain.domid == domid:
+                self._release_export(export)
+        self.domains.pop(domid, None)
+        return Reply()
+
+    def _gntalloc_limit(self, conn: Connection, payload: bytes,
+                        fds: list[int]) -> Reply:
+        """xen-gntalloc's ``limit`` of this domain: read it (-1), or set it
+        as an admin writes /sys/module/xen_gntalloc/parameters/limit."""
+        (limit,), _ = split_fixed(payload, LIMIT)
+        if limit >= 0:
+            conn.domain.gntalloc_limit = limit
+        return Reply(HELD.pack(conn.domain.gntalloc_limit))
+
     def _resolve(self, conn: Connection, from_domid: int,
                  runs_data: bytes) -> Mapped:
         granter = self.domains.get(from_domid)
@@ -242,6 +341,7 @@ class Hypervisor:
     def _map(self, conn: Connection, payload: bytes,
              fds: list[int]) -> Reply:
         (from_domid, writable), runs = split_fixed(payload, MAP)
+        self._reap_exports()
         mapped = self._resolve(conn, from_domid, runs)
         conn.mappings[mapped.mid] = mapped
         reply = MAPPED.pack(mapped.mid, mapped.first_page * PAGE_SIZE)
@@ -268,15 +368,62 @@ class Hypervisor:
             mapped = self._resolve(conn, from_domid, runs)
         except (errors.MapRefused, errors.GrantTableFull) as exc:
             raise errors.DmabufReceiveRefused(f"EXP_FROM_REFS: {exc}") from None
-        watch, given = socket.socketpair()
-        st = os.fstat(given.fileno())
-        export = Export(mapped, watch, (st.st_dev, st.st_ino))
+        if conn.domain.kind.dmabuf_mmap:
+            try:
+                export, fd = self._mappable_export(mapped)
+            except BaseException:
+                unmap(mapped)
+                raise
+        else:
+            watch, given = socket.socketpair()
+            st = os.fstat(given.fileno())
+            export = Export(mapped, watch, (st.st_dev, st.st_ino))
+            watch.setblocking(False)
+            asyncio.get_running_loop().add_reader(
+                watch, self._export_readable, export)
+            fd = given.detach()
         self._exports[mapped.mid] = export
-        self._export_inodes[export.inode] = export
-        watch.setblocking(False)
-        asyncio.get_running_loop().add_reader(
-            watch, self._export_readable, export)
-        return Reply(ID.pack(mapped.mid), given.detach(), close_fd=True)
+        self._export_inodes.setdefault(export.inode, []).append(export)
+        return Reply(ID.pack(mapped.mid), fd, close_fd=True)
+
+    def _mappable_export(self, mapped: Mapped) -> tuple[Export, int]:
+        """A new open file of the pages' memfd, read-write, holding an OFD
+        read lock on this export's byte: (the export, the fd to hand out)."""
+        if mapped.first_page != 0:
+            raise SimulatorLimit(
+                "the simulator exports an mmap-able dma-buf only of refs "
+                "that start at the first page of a grant")
+        fd = os.open(f"/proc/self/fd/{mapped.backing.fd}",
+                     os.O_RDWR | os.O_CLOEXEC)
+        lock_at = _LOCK_BASE + mapped.mid
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK,
+                        _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, lock_at, 1, 0))
+        except BaseException:
+            os.close(fd)
+            raise
+        st = os.fstat(fd)
+        return Export(mapped, None, (st.st_dev, st.st_ino),
+                      lock_at=lock_at), fd
+
+    def _export_alive(self, export: Export) -> bool:
+        """Whether a copy of an mmap-able export's file is still open or
+        mapped somewhere: its OFD lock is still there."""
+        answer = fcntl.fcntl(
+            export.mapped.backing.fd, fcntl.F_OFD_GETLK,
+            _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, export.lock_at, 1, 0))
+        return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
+
+    def _reap_exports(self) -> None:
+        """Release every mmap-able export nobody holds any more."""
+        for export in list(self._exports.values()):
+            if export.watch is None and not self._export_alive(export):
+                self._release_export(export)
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_REAP_SECONDS)
+            self._reap_exports()
 
     def _export_readable(self, export: Export) -> None:
         try:
@@ -286,16 +433,25 @@ class Hypervisor:
             return
         except OSError:
             pass
-        asyncio.get_running_loop().remove_reader(export.watch)
-        export.watch.close()
+        self._release_export(export)
+
+    def _release_export(self, export: Export) -> None:
+        """The last user let go (or its domain died): unmap its pages."""
+        if export.watch is not None:
+            asyncio.get_running_loop().remove_reader(export.watch)
+            export.watch.close()
         del self._exports[export.mapped.mid]
-        del self._export_inodes[export.inode]
+        same = self._export_inodes[export.inode]
+        same.remove(export)
+        if not same:
+            del self._export_inodes[export.inode]
         unmap(export.mapped)
         export.released.set()
 
     async def _wait(self, conn: Connection, payload: bytes,
                     fds: list[int]) -> Reply:
         (eid, timeout_ms), _ = split_fixed(payload, WAIT)
+        self._reap_exports()
         export = self._exports.get(eid)
         if export is None or export.mapped.domain is not conn.domain:
             raise errors.AlreadyReleased(f"no exported dma-buf {eid}")
@@ -313,8 +469,8 @@ class Hypervisor:
         read-only (what a GPU driver importing the dma-buf would read)."""
         if len(fds) != 1:
             raise ProtocolError("PEEK needs one fd")
-        export = self._export_of(fds[0])
-        if export is None or export.mapped.domain is not conn.domain:
+        export = self._export_of(fds[0], conn.domain)
+        if export is None:
             raise errors.GrantError(
                 "not a dma-buf this domain received from the simulator")
         mapped = export.mapped
@@ -328,13 +484,16 @@ class Hypervisor:
     def _stats(self, conn: Connection, payload: bytes,
                fds: list[int]) -> Reply:
         (domid,), _ = split_fixed(payload, STATS)
+        self._reap_exports()
         domain = self.domains.get(domid)
         if domain is None:
             raise errors.GrantError(f"no domain {domid}")
         return Reply(STATS_REPLY.pack(
             domain.table.used, domain.table.size - RESERVED_GRANT_REFS,
             domain.mapped_pages, len(self._exports),
-            len(os.listdir("/proc/self/fd")), len(self.hazards)))
+            len(os.listdir("/proc/self/fd")), len(self.hazards),
+            *domain.deferred(), domain.gntalloc_pages,
+            domain.gntalloc_limit))
 
 
 def _read_only(payload: bytes, mapped: Mapped) -> Reply:

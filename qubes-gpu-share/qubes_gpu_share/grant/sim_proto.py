@@ -31,7 +31,7 @@ _ONE = struct.Struct("<I")
 
 
 class Op(enum.IntEnum):
-    HELLO = 1         # <HBBBBII domid virt ioctls fix swiotlb table maptrack
+    HELLO = 1         # <HBBII domid virt traits table maptrack
     GRANT_DMABUF = 2  # <IH pages to_domid, fd            -> <I id + runs
     GRANT_NEW = 3     # <IH pages to_domid                -> <I id + runs, fd
     REVOKE = 4        # <I grant id
@@ -42,12 +42,15 @@ class Op(enum.IntEnum):
     HAZARDS = 9       #                                   -> utf-8 lines
     STATS = 10        # <H domid                          -> <6I
     PEEK = 11         # fd of an export (test aid)  -> <IQ pages offset, fd
+    TRY_END = 12      # <I grant id                       -> <I pages held
+    DESTROY = 13      # <H domid (the domain died; test aid)
+    GNTALLOC_LIMIT = 14  # <i new limit, or -1 to read    -> <I limit
 
 
 STATUS_OK = 0
 STATUS_ERROR = 1
 
-HELLO = struct.Struct("<HBBBBII")
+HELLO = struct.Struct("<HBBII")
 GRANT = struct.Struct("<IH")
 MAP = struct.Struct("<HB")
 EXPORT = struct.Struct("<H")
@@ -55,7 +58,10 @@ WAIT = struct.Struct("<II")
 STATS = struct.Struct("<H")
 MAPPED = struct.Struct("<IQ")
 PEEKED = struct.Struct("<IQ")
-STATS_REPLY = struct.Struct("<6I")
+STATS_REPLY = struct.Struct("<10I")
+HELD = struct.Struct("<I")
+DOMID = struct.Struct("<H")
+LIMIT = struct.Struct("<i")
 ID = _ONE
 
 
@@ -94,13 +100,19 @@ def parse_header(untrusted_header: bytes) -> tuple[int, int]:
 _VIRT_MODES = tuple(VirtMode)
 
 
+#: The kernel's boolean traits, one bit each in HELLO, in this order.
+TRAIT_BITS = ("dmabuf_ioctls", "receive_fix", "xen_swiotlb", "dmabuf_mmap",
+              "grant_frames_fix", "release_query")
+
+
 def encode_hello(domid: int, kind: DomainKind, table_entries: int,
                  maptrack_entries: int) -> bytes:
     """A device's domain and its kernel's traits (0 entries: the
     hypervisor's default size)."""
+    bits = sum(1 << i for i, name in enumerate(TRAIT_BITS)
+               if getattr(kind, name))
     return HELLO.pack(domid, _VIRT_MODES.index(VirtMode(kind.virt_mode)),
-                      kind.dmabuf_ioctls, kind.receive_fix, kind.xen_swiotlb,
-                      table_entries, maptrack_entries)
+                      bits, table_entries, maptrack_entries)
 
 
 def decode_hello(untrusted_payload: bytes
@@ -108,14 +120,13 @@ def decode_hello(untrusted_payload: bytes
     """(domid, kind, table entries, maptrack entries); ProtocolError for
     anything :func:`encode_hello` does not make (the domid's bound is the
     hypervisor's to check)."""
-    (domid, virt, *flags, table, maptrack), _ = split_fixed(
+    (domid, virt, bits, table, maptrack), _ = split_fixed(
         untrusted_payload, HELLO)
-    if virt >= len(_VIRT_MODES) or max(flags) > 1:
+    if virt >= len(_VIRT_MODES) or bits >> len(TRAIT_BITS):
         raise ProtocolError("invalid domain description")
-    ioctls, fix, swiotlb = map(bool, flags)
+    traits = {name: bool(bits >> i & 1) for i, name in enumerate(TRAIT_BITS)}
     try:
-        kind = DomainKind(_VIRT_MODES[virt], dmabuf_ioctls=ioctls,
-                          receive_fix=fix, xen_swiotlb=swiotlb)
+        kind = DomainKind(_VIRT_MODES[virt], **traits)
     except ValueError as exc:
         raise ProtocolError(f"invalid domain description: {exc}") from None
     return domid, kind, table, maptrack

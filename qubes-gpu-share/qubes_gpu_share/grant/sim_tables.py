@@ -8,6 +8,16 @@ passed (the simulation's dma-buf), so every mapping aliases them.
 
 Work is per run of refs, not per page: a grant of consecutive refs is one
 segment in its domain's table.
+
+Ending a grant follows the kernel (drivers/xen/grant-table.c): a page the
+peer still maps cannot be ended. What the peer maps stays granted (the peer
+may even map it again), its ref allocated and its page held, until the peer
+unmaps it or its domain dies; only then is the grant freed. After a revoke
+(IMP_RELEASE, gntalloc's dealloc) that happens by itself, as the kernel's
+deferred list does; after a try_end (IMP_TRY_RELEASE) the provider asks
+again. The simulator frees a grant's refs together once no page of it is
+held; the kernel frees each ref as its page is unmapped (and its deferred
+list at most 10 refs a second, free_per_iteration).
 """
 
 from __future__ import annotations
@@ -20,10 +30,42 @@ import stat
 from ..formats import PAGE_SIZE
 from . import errors
 from .expected import (DEFAULT_GRANT_ENTRIES, DEFAULT_MAPTRACK_ENTRIES,
-                       RESERVED_GRANT_REFS, DomainKind)
+                       GNTALLOC_DEFAULT_LIMIT, RESERVED_GRANT_REFS,
+                       DomainKind)
 from .sim_proto import SimulatorLimit
 
 Runs = list[tuple[int, int]]
+#: page ranges [start, end) within a grant, sorted and disjoint
+Spans = list[tuple[int, int]]
+
+
+def merge_spans(ranges) -> Spans:
+    """The union of [start, end) ranges, sorted and disjoint."""
+    merged: Spans = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def intersect_spans(a: Spans, b: Spans) -> Spans:
+    out: Spans = []
+    for a0, a1 in a:
+        for b0, b1 in b:
+            lo, hi = max(a0, b0), min(a1, b1)
+            if lo < hi:
+                out.append((lo, hi))
+    return merge_spans(out)
+
+
+def covers(spans: Spans, start: int, end: int) -> bool:
+    return any(s0 <= start and end <= s1 for s0, s1 in spans)
+
+
+def span_pages(spans: Spans) -> int:
+    return sum(end - start for start, end in spans)
 
 
 class Backing:
@@ -57,9 +99,39 @@ class Grant:
     pages: int
     what: str
     runs: Runs = dataclasses.field(default_factory=list)
+    #: revoked by its provider (IMP_RELEASE, dealloc): what is still held
+    #: is the kernel's deferred end
     ended: bool = False
-    #: mappings and exports that use some of its pages
-    users: int = 0
+    #: pages mapped or exported by the peer, one range per mapping
+    maps: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    #: None while every page is granted; else the pages still granted
+    #: because the peer held them when the grant was (partly) ended
+    granted: Spans | None = None
+    #: the grant's refs and page are freed
+    freed: bool = False
+
+    @property
+    def users(self) -> int:
+        return len(self.maps)
+
+    def mapped_spans(self) -> Spans:
+        return merge_spans(self.maps)
+
+    def held_pages(self) -> int:
+        """Pages still granted although the provider ended the grant."""
+        return 0 if self.granted is None else span_pages(self.granted)
+
+    def may_map(self, start: int, end: int) -> bool:
+        return self.granted is None or covers(self.granted, start, end)
+
+    def end_unmapped(self) -> int:
+        """End every page the peer does not map now; the pages it still
+        holds stay granted. Returns their number."""
+        held = self.mapped_spans()
+        if self.granted is not None:
+            held = intersect_spans(held, self.granted)
+        self.granted = held
+        return span_pages(held)
 
 
 @dataclasses.dataclass(eq=False)
@@ -68,7 +140,8 @@ class Mapped:
 
     mid: int
     domain: Domain
-    grants: list[Grant]
+    #: (grant, first page within it, pages) for each piece of the refs
+    pieces: list[tuple[Grant, int, int]]
     backing: Backing
     first_page: int
     pages: int
@@ -152,6 +225,18 @@ class Domain:
         self.table = RefTable(table_entries)
         self.maptrack_entries = maptrack_entries
         self.mapped_pages = 0
+        #: every grant of this domain not freed yet
+        self.live: set[Grant] = set()
+        #: xen-gntalloc's accounting: pages allocated and not deallocated
+        #: (a dealloc counts at once, however long the end is deferred)
+        self.gntalloc_pages = 0
+        self.gntalloc_limit = GNTALLOC_DEFAULT_LIMIT
+
+    def deferred(self) -> tuple[int, int]:
+        """(grants, pages) revoked while the peer held them, still held:
+        the kernel's deferred ends."""
+        grants = [g for g in self.live if g.ended]
+        return len(grants), sum(g.held_pages() for g in grants)
 
     def describes(self, kind: DomainKind, table_entries: int,
                   maptrack_entries: int) -> bool:
@@ -165,8 +250,9 @@ def resolve_mapping(mapper: Domain, granter: Domain, runs: Runs,
     form one view; take the maptrack entries. Raises MapRefused,
     GrantTableFull or SimulatorLimit."""
     pieces = granter.table.resolve(runs)
-    for grant, _, _ in pieces:
-        if grant.ended:
+    for grant, gpage, count in pieces:
+        start = gpage - grant.first_page
+        if not grant.may_map(start, start + count):
             raise errors.MapRefused(
                 f"grant {grant.gid} of domain {granter.domid} was ended")
         if grant.grantee != mapper.domid:
@@ -185,46 +271,65 @@ def resolve_mapping(mapper: Domain, granter: Domain, runs: Runs,
     if mapper.mapped_pages + pages > mapper.maptrack_entries:
         raise errors.GrantTableFull(
             f"maptrack of domain {mapper.domid} is full")
-    grants = list(dict.fromkeys(grant for grant, _, _ in pieces))
-    for grant in grants:
-        grant.users += 1
+    relative = [(grant, gpage - grant.first_page, count)
+                for grant, gpage, count in pieces]
+    for grant, start, count in relative:
+        grant.maps.append((start, start + count))
     mapper.mapped_pages += pages
-    return Mapped(mid, mapper, grants, first.backing.hold(),
+    return Mapped(mid, mapper, relative, first.backing.hold(),
                   first.first_page + page, pages)
 
 
 def unmap(mapped: Mapped) -> None:
-    """Drop a mapping or export; complete the deferred end of grants that
-    were revoked while it still used them."""
+    """Drop a mapping or export; the pages of revoked grants it held are
+    ended now (the kernel's deferred end), and a grant none of whose pages
+    is held any more is freed."""
     mapped.domain.mapped_pages -= mapped.pages
-    for grant in mapped.grants:
-        grant.users -= 1
-        if grant.ended and grant.users == 0:
-            _free_grant(grant)
+    for grant, start, count in mapped.pieces:
+        grant.maps.remove((start, start + count))
+        if grant.ended and not grant.freed:
+            if grant.end_unmapped() == 0:
+                _free_grant(grant)
     mapped.backing.drop()
 
 
 def end_grant(grant: Grant) -> str | None:
-    """End a grant; return a hazard description if a peer still uses it.
-
-    The real IMP_RELEASE cannot end a ref the peer maps: gnttab defers the
-    end, but the dma-buf is dropped at once, so the owner may reuse pages the
-    peer still sees. Here the refs stay in the table until the last user is
-    gone (the deferred end), and the hazard is reported.
-    """
+    """Revoke a grant (IMP_RELEASE, dealloc): the pages the peer still maps
+    stay granted and held, their end deferred until it unmaps them or dies
+    (as the kernel does); return a line describing the deferral, None when
+    nothing was held."""
     if grant.ended:
         raise errors.AlreadyReleased(f"grant {grant.gid} was already revoked")
     grant.ended = True
-    if grant.users == 0:
+    if grant.what == "gntalloc":
+        grant.granter.gntalloc_pages -= grant.pages
+    held = grant.end_unmapped()
+    if held == 0:
         _free_grant(grant)
         return None
     return (f"{grant.what} grant {grant.gid} of domain "
             f"{grant.granter.domid} ({grant.pages} pages) ended while "
-            f"domain {grant.grantee} still maps it ({grant.users} users)")
+            f"domain {grant.grantee} still maps {held} of its pages: their "
+            f"end is deferred")
+
+
+def try_end_grant(grant: Grant) -> int:
+    """IMP_TRY_RELEASE: end the pages the peer does not map, keep the
+    others granted; free the grant once none is held. Returns the pages
+    still held."""
+    if grant.ended or grant.freed:
+        raise errors.AlreadyReleased(f"grant {grant.gid} was already ended")
+    held = grant.end_unmapped()
+    if held == 0:
+        grant.ended = True
+        _free_grant(grant)
+    return held
 
 
 def _free_grant(grant: Grant) -> None:
+    grant.freed = True
     grant.granter.table.free(grant.runs)
+    grant.granter.live.discard(grant)
     grant.runs = []
     grant.backing.drop()
 

@@ -12,7 +12,13 @@ calling it, because the kernel answers with refs either way (expected.py):
   not visible from userspace, so such a domU is refused like the others
   (the safe side: it keeps gntalloc pages);
 * who exported a dma-buf, from /proc/self/fdinfo (a dma-buf gntdev made
-  from foreign refs cannot be granted on).
+  from foreign refs cannot be granted on);
+* xen-gntalloc's page limit (its module parameter, /sys/module).
+
+Where the facts say the kernel may grant wrong frames (PV without
+swiotlb-xen), :func:`grant_refusal` asks the kernel too: a kernel with the
+gntdev frames fix (kernel/0003) grants the right ones, and is recognised by
+doing so (gntdev.kernel_grants_own_frames), never by its version.
 
 Every path is under a root given as a parameter, so tests use a tmp tree.
 Every read is bounded; what cannot be read is "not known", never an error.
@@ -20,9 +26,12 @@ Every read is bounded; what cannot be read is "not known", never an error.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 
-from .expected import Refusal, VirtMode, dmabuf_grant_refusal
+from .expected import (GRANT_REFUSED_PV_DMA, Refusal, VirtMode,
+                       dmabuf_grant_refusal)
 
 SYS_ROOT = "/sys"
 PROC_ROOT = "/proc"
@@ -73,12 +82,56 @@ def xen_swiotlb(sys_root: str = SYS_ROOT,
         is_dom0(proc_root) or has_pci_devices(sys_root))
 
 
-def grant_refusal(sys_root: str = SYS_ROOT,
-                  proc_root: str = PROC_ROOT) -> Refusal | None:
-    """expected.dmabuf_grant_refusal for this domain, from its facts: why
-    no IMP_TO_REFS may be made here, or None."""
-    return dmabuf_grant_refusal(virt_mode(sys_root),
-                                xen_swiotlb(sys_root, proc_root))
+#: Answers whether this kernel's IMP_TO_REFS grants a buffer's own frames
+#: (True), wrong ones (False), or cannot be asked (None).
+FramesCheck = Callable[[], "bool | None"]
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_grants_own_frames() -> bool | None:
+    """The real kernel's answer, asked once per process (it grants a page
+    of a fresh udmabuf to this domain itself and maps it back: harmless in
+    PV, the only place it is asked)."""
+    try:
+        from .gntdev import kernel_grants_own_frames
+    except ImportError:     # the native helper is not built: cannot ask
+        return None
+    return kernel_grants_own_frames()
+
+
+def grant_refusal(sys_root: str = SYS_ROOT, proc_root: str = PROC_ROOT,
+                  frames_check: FramesCheck | None = None
+                  ) -> Refusal | None:
+    """expected.dmabuf_grant_refusal for this domain: why no IMP_TO_REFS
+    may be made here, or None.
+
+    The facts decide, except where they say the kernel may grant wrong
+    frames (PV without swiotlb-xen): there the kernel is asked
+    (``frames_check``, by default the real one, once per process), and a
+    kernel that grants the buffer's own frames is not refused. A kernel
+    that cannot be asked (no udmabuf to try with, no grant device) is
+    refused, the safe side.
+    """
+    refusal = dmabuf_grant_refusal(virt_mode(sys_root),
+                                   xen_swiotlb(sys_root, proc_root))
+    if refusal is GRANT_REFUSED_PV_DMA:
+        check = frames_check or _kernel_grants_own_frames
+        if check() is True:
+            return None
+    return refusal
+
+
+GNTALLOC_LIMIT_PARAM = "module/xen_gntalloc/parameters/limit"
+
+
+def gntalloc_limit(sys_root: str = SYS_ROOT) -> int | None:
+    """xen-gntalloc's ``limit``: pages this domain's gntalloc users may
+    hold at once (default 1024); None when the module is not loaded or the
+    value is unreadable. An admin raises it by writing the file (root) or
+    with ``xen_gntalloc.limit=N`` on the kernel command line."""
+    data = _read(f"{sys_root}/{GNTALLOC_LIMIT_PARAM}", 32)
+    text = data.strip().decode("ascii", "replace") if data else ""
+    return int(text) if text.isdigit() else None
 
 
 def parse_exp_name(fdinfo: bytes) -> str | None:
