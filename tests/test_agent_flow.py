@@ -99,9 +99,11 @@ class StandInBroker:
 
 
 @contextlib.asynccontextmanager
-async def running_system(root, hv):
+async def running_system(root, hv, traits=None):
     """ROOT with dom0 (stand-in broker), a provider 'gpu', a consumer
-    'work', an allow-all policy; yields a namespace of handles."""
+    'work', an allow-all policy; ``traits`` gives a qube's simulated
+    kernel (grant/open.py words); yields a namespace of handles."""
+    traits = traits or {}
     (root / "policy").mkdir()
     (root / "policy" / "50-test.policy").write_text(
         "* * @anyvm @adminvm allow\n")
@@ -128,7 +130,9 @@ async def running_system(root, hv):
         options = build_parser().parse_args([
             "--name", qube, "--run-dir", str(root / qube / "run"),
             "--services-dir", str(root / qube / "qubes-service"),
-            "--grant", f"sim:{hv}:{domids[qube]}", "--qrexec", f"sim:{root}",
+            "--grant", f"sim:{hv}:{domids[qube]}"
+            + (f":{traits[qube]}" if qube in traits else ""),
+            "--qrexec", f"sim:{root}",
             "--revoke-wait", "0.3"])
         broker.caller = sim_caller(root, "dom0")
         started = asyncio.Event()
@@ -145,19 +149,27 @@ async def running_system(root, hv):
         await server.close()
 
 
-def in_system(test):
-    """Run an async test body inside a fresh simulated system."""
-    def run(tmp_path, hv, hazards):
-        async def main():
-            async with running_system(tmp_path, hv) as system:
-                await test(system)
-        gc.collect()  # earlier tests' garbage must not close fds mid-way
-        before = _fds()
-        asyncio.run(main())
-        assert hazards() == 0
-        assert _fds() == before
-    run.__name__ = test.__name__
-    return run
+def in_system_with(traits=None, expect_hazards=0):
+    """Run an async test body inside a fresh simulated system whose qubes
+    have these simulated kernels; the grant simulator must log
+    ``expect_hazards`` deferred ends (grants ended while mapped)."""
+    def wrap(test):
+        def run(tmp_path, hv, hazards):
+            async def main():
+                async with running_system(tmp_path, hv, traits) as system:
+                    system.traits = traits or {}
+                    await test(system)
+            gc.collect()  # earlier tests' garbage must not close fds mid-way
+            before = _fds()
+            asyncio.run(main())
+            assert hazards() == expect_hazards
+            assert _fds() == before
+        run.__name__ = test.__name__
+        return run
+    return wrap
+
+
+in_system = in_system_with()
 
 
 def _app(path):
@@ -348,3 +360,115 @@ async def test_revoke_of_a_lease_the_agent_does_not_hold_is_released(system):
         for _ in range(2):
             answer = await system.broker.revoke_side(qube, lease, role)
             assert answer.status is RevokeStatus.RELEASED
+
+
+# -- a consumer's word is not a release (issue 14) ----------------------------
+
+async def _export_to_work(system, pages=3):
+    meta, lease = layout_for(BlobSpec(pages * PAGE_SIZE)), new_lease_id()
+    exported = await system.broker.call_agent(
+        "gpu", "qubes.GpuExport",
+        ExportRequest(lease, "work", system.domids["work"], meta),
+        ExportAnswer)
+    return lease, exported.refs
+
+
+def _as_work(system):
+    """A grant device in work's domain, outside its agent: what a lying
+    consumer (or an application with its own device) maps."""
+    from qubes_gpu_share.grant.open import parse_traits
+    kind = parse_traits(system.traits.get("work", "pvh"))
+    return SimGrantDevice(system.hv, system.domids["work"], kind)
+
+
+@in_system_with({"gpu": "pvh,fixed"})
+async def test_a_consumer_that_keeps_its_mapping_holds_the_pages(system):
+    """The provider's kernel says what the consumer still maps
+    (IMP_TRY_RELEASE): the provider answers busy with the count, keeps the
+    pages granted, and releases once they are unmapped."""
+    lease, refs = await _export_to_work(system)
+    with _as_work(system) as liar:
+        mapping = liar.map_grant(system.domids["gpu"], refs[:2])
+        for _ in range(2):       # asked again: still held
+            answer = await system.broker.revoke_side("gpu", lease,
+                                                     Role.PROVIDER)
+            assert answer.status is RevokeStatus.BUSY
+            assert answer.reason == "2 pages still mapped by work"
+        with pytest.raises(Exception):   # the unmapped page was ended
+            liar.map_grant(system.domids["gpu"], refs[2:])
+        mapping.close()
+        answer = await system.broker.revoke_side("gpu", lease, Role.PROVIDER)
+        assert answer.status is RevokeStatus.RELEASED
+        assert liar.stats(system.domids["gpu"]).table_used == 0
+
+
+@in_system_with({"gpu": "pvh,fixed"})
+async def test_a_dead_consumer_gives_the_pages_back(system):
+    lease, refs = await _export_to_work(system)
+    with SimGrantDevice(system.hv, next(_domids)) as dom0:
+        with _as_work(system) as liar:
+            mapping = liar.map_grant(system.domids["gpu"], refs)
+            answer = await system.broker.revoke_side("gpu", lease,
+                                                     Role.PROVIDER)
+            assert answer.status is RevokeStatus.BUSY
+            dom0.destroy_domain(system.domids["work"])   # xl destroy
+        mapping.close()        # the dead domain's device is gone already
+        answer = await system.broker.revoke_side("gpu", lease, Role.PROVIDER)
+        assert answer.status is RevokeStatus.RELEASED
+
+
+@in_system_with(expect_hazards=1)
+async def test_without_the_kernel_report_the_word_is_taken(system):
+    """A provider kernel without IMP_TRY_RELEASE cannot tell: released, and
+    the grant's end is deferred by the kernel, unseen (the simulator logs
+    it)."""
+    lease, refs = await _export_to_work(system)
+    with _as_work(system) as liar:
+        mapping = liar.map_grant(system.domids["gpu"], refs)
+        answer = await system.broker.revoke_side("gpu", lease, Role.PROVIDER)
+        assert answer.status is RevokeStatus.RELEASED
+        stats = liar.stats(system.domids["gpu"])
+        assert (stats.deferred_grants, stats.deferred_pages) == (1, 3)
+        mapping.close()
+        assert liar.stats(system.domids["gpu"]).deferred_pages == 0
+
+
+# -- dmabuf mode for the application (issue 16) ------------------------------
+
+@in_system_with({"gpu": "pvh,fixed", "work": "pvh,fixed"})
+async def test_dmabuf_lease_maps_like_a_cpu_lease(system):
+    provider_app, consumer_app = (_app(system.provider_sock),
+                                  _app(system.app_sock))
+    buf = await asyncio.to_thread(consumer_app.lease, "gpu", nbytes=PAGE_SIZE,
+                                  mode="dmabuf")
+    assert buf.mode.value == "dmabuf" and buf.is_dmabuf
+    drawn = await asyncio.to_thread(provider_app.exported, 5)
+    with drawn.mmap() as pixels:
+        pixels[:8] = b"pattern!"
+    assert "mmap() it" in buf.describe_mapping()
+    seen = buf.mmap()                       # the one call, as in cpu mode
+    with buf.cpu_access():
+        assert seen[:8] == b"pattern!"
+        seen[8:12] = b"back"
+    again = buf.mmap(writable=False)        # a dma-buf maps any number
+    assert again[8:12] == b"back"
+    drawn.close()
+    await asyncio.to_thread(buf.close)      # unmaps both, then releases
+    assert seen.closed and again.closed
+    assert system.broker.leases == {}
+    provider_app.close()
+    consumer_app.close()
+
+
+@in_system_with({"work": "pvh,fix"})
+async def test_dmabuf_lease_without_the_mmap_patch_says_why(system):
+    app = _app(system.app_sock)
+    buf = await asyncio.to_thread(app.lease, "gpu", nbytes=PAGE_SIZE,
+                                  mode="dmabuf")
+    with pytest.raises(client_lib.ClientError) as refused:
+        buf.mmap()
+    assert refused.value.code == "mode"
+    assert "GPU driver" in str(refused.value)
+    assert "GPU driver" in buf.describe_mapping()
+    await asyncio.to_thread(buf.close)
+    app.close()

@@ -25,6 +25,8 @@ POLICY = [REPO / "policy" / "60-gpu-share.policy",
 QUBES = [
     SimQube("sys-gpu", 2, "hvm", ("gpu-share-provider", "gpu-share")),
     SimQube("work", 3, "pvh", ("gpu-share", "gpu-share-provider")),
+    # a kernel with the project's gntdev series: dma-bufs map for the CPU
+    SimQube("media", 4, "pvh", ("gpu-share",), kernel=("fixed",)),
 ]
 SMALL = dict(width=64, height=64, fourcc="XR24")   # 4 pages
 
@@ -53,6 +55,33 @@ def test_lease_maps_the_providers_pages(system):
             [(buf.lease, Role.CONSUMER, "sys-gpu")]
         buf.close()                                   # unmap, then release
         assert work.list() == []
+
+
+def test_dmabuf_lease_maps_with_the_same_call(system):
+    """dmabuf mode where the kernel's exporter has mmap: the application
+    maps it as it maps a cpu-mode lease, brackets access, and closing
+    unmaps what it mapped before the lease is released."""
+    with app(system, "media") as media, app(system, "sys-gpu") as gpu:
+        buf = media.lease("sys-gpu", **SMALL, mode="dmabuf", ttl=60)
+        assert (buf.mode, buf.is_dmabuf) == (ReceiveMode.DMABUF, True)
+        with gpu.exported(timeout=10) as drawn, drawn.mmap() as canvas:
+            canvas[:8] = b"pattern!"
+        assert buf.describe_mapping().startswith("dmabuf mode")
+        pixels = buf.mmap()
+        with buf.cpu_access(write=False):
+            assert pixels[:8] == b"pattern!"
+        buf.close()
+        assert pixels.closed
+
+
+def test_cpu_lease_says_how_to_map_it(system):
+    with app(system, "work") as work:
+        buf = work.lease("sys-gpu", nbytes=4096)
+        assert not buf.is_dmabuf
+        assert "once" in buf.describe_mapping()
+        with buf.cpu_access():      # nothing to do for a grant mapping
+            pass
+        buf.close()
 
 
 def test_offer_reaches_the_consumer_application(system):

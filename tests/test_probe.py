@@ -3,6 +3,7 @@ decisions against a grant device that answers as each kind of kernel does."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,7 +20,8 @@ from qubes_gpu_share.grant.errors import (
     DmabufNotSupported, DmabufReceiveRefused, NotGrantable)
 
 CHECK_IDS = ["grant-device", "provide-gntalloc", "receive-cpu",
-             "dmabuf-ioctls", "receive-dmabuf"]
+             "dmabuf-ioctls", "receive-dmabuf", "receive-dmabuf-mmap",
+             "release-query"]
 IN_XEN = os.path.exists("/dev/xen/gntdev")
 
 
@@ -49,7 +51,8 @@ def test_cli_json_follows_the_schema():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert set(report) == {"schema", "domain", "checks", "sources",
-                           "receive_modes", "provide_modes"}
+                           "receive_modes", "provide_modes",
+                           "gntalloc_limit"}
     assert report["schema"] == probe.SCHEMA_VERSION
     assert set(report["domain"]) == {"hypervisor", "guest_type", "domid",
                                      "machine"}
@@ -75,13 +78,19 @@ def test_cli_help_lists_probe():
 # --- decisions, against a grant device with chosen answers --------------------
 
 class _Grant(gd.AllocatedGrant):
-    def __init__(self, fd: int, domid: int):
+    def __init__(self, fd: int, domid: int, query: bool = False):
         self.fd, self.domid, self.refs = fd, domid, (8,)
         self._revoked = False
+        self._query = query
 
     def revoke(self) -> None:
         self._revoked = True
         os.close(self.fd)
+
+    def try_end(self):
+        """A kernel with IMP_TRY_RELEASE (``query``) says 0 pages held."""
+        self.revoke()
+        return 0 if self._query else None
 
     def view(self) -> gd.CpuView:
         return gd.CpuView(self.fd, 0, PAGE_SIZE)
@@ -99,8 +108,12 @@ class _Mapping(gd.Mapping):
 
 
 class _Import(gd.ImportedDmabuf):
-    def __init__(self):
+    def __init__(self, mappable: bool = False):
         self.fd, self.released = -1, False
+        self.mappable = mappable
+
+    def cpu_mappable(self) -> bool:
+        return self.mappable
 
     def release(self, timeout_ms: int) -> None:
         self.released = True
@@ -113,8 +126,10 @@ class AnsweringDevice(gd.GrantDevice):
     """Grants one memfd page per call; answers EXP_FROM_REFS and
     IMP_TO_REFS with the exception it was given (None: success)."""
 
-    def __init__(self, receive_error=None, grant_error=None):
+    def __init__(self, receive_error=None, grant_error=None, fixed=False):
         self.receive_error, self.grant_error = receive_error, grant_error
+        #: a kernel with the project's series: dma-bufs map, ends report
+        self.fixed = fixed
         self.pages: dict[int, int] = {}
         #: maps of our own grants the probe made
         self.self_maps: list = []
@@ -134,12 +149,12 @@ class AnsweringDevice(gd.GrantDevice):
             self.self_maps.append(("import", list(refs)))
         if self.receive_error:
             raise self.receive_error
-        return _Import()
+        return _Import(self.fixed)
 
     def grant_dmabuf(self, dmabuf_fd, pages, to_domid):
         if self.grant_error:
             raise self.grant_error
-        return _Grant(os.dup(dmabuf_fd), to_domid)
+        return _Grant(os.dup(dmabuf_fd), to_domid, self.fixed)
 
     def close(self):
         pass
@@ -164,13 +179,27 @@ def statuses(report: probe.Report) -> dict[str, str]:
 
 
 def test_working_kernel_receives_both_ways():
-    report = probe.probe(AnsweringDevice(), DOMAIN,
-                         [MemfdAllocator(), Missing()])
+    report = probe.probe(AnsweringDevice(fixed=True), DOMAIN,
+                         [MemfdAllocator(), Missing()], gntalloc_limit=1024)
     assert set(statuses(report).values()) == {"yes"}
     assert report.receive_modes == ["dmabuf", "cpu"]
     assert report.provide_modes == ["dmabuf", "gntalloc"]
     assert [s.status.value for s in report.sources] == ["grantable",
                                                          "unavailable"]
+    assert report.to_json()["gntalloc_limit"] == 1024
+    assert "gntalloc limit: 1024 pages" in probe.render_text(report)
+    assert "xen_gntalloc/parameters/limit" in probe.render_text(report)
+
+
+def test_a_kernel_without_the_series_is_told_by_what_it_does():
+    """Same answers but no mmap of the received dma-buf and no report of
+    held pages: each is said, by trying, not by a version."""
+    report = probe.probe(AnsweringDevice(), DOMAIN, [MemfdAllocator()])
+    assert statuses(report)["receive-dmabuf"] == "yes"
+    assert statuses(report)["receive-dmabuf-mmap"] == "no"
+    assert "no mmap" in report.check("receive-dmabuf-mmap").detail
+    assert statuses(report)["release-query"] == "no"
+    assert "deferred" in report.check("release-query").detail
 
 
 @pytest.mark.parametrize("guest_type", ["PVH", "HVM"])
@@ -185,7 +214,9 @@ def test_pvh_and_hvm_never_map_their_own_grant(guest_type):
     assert statuses(report) == {"grant-device": "yes",
                                 "provide-gntalloc": "yes",
                                 "receive-cpu": "yes", "dmabuf-ioctls": "yes",
-                                "receive-dmabuf": "untested"}
+                                "receive-dmabuf": "untested",
+                                "receive-dmabuf-mmap": "untested",
+                                "release-query": "no"}
     assert "corrupts a PVH/HVM kernel" in report.check("receive-cpu").detail
     assert report.receive_modes == ["cpu"]
     enotty = DmabufNotSupported("kernel lacks CONFIG_XEN_GNTDEV_DMABUF")
@@ -201,7 +232,9 @@ def test_kernel_without_dmabuf_ioctls_says_so():
     assert statuses(report) == {"grant-device": "yes",
                                 "provide-gntalloc": "yes",
                                 "receive-cpu": "yes", "dmabuf-ioctls": "no",
-                                "receive-dmabuf": "no"}
+                                "receive-dmabuf": "no",
+                                "receive-dmabuf-mmap": "no",
+                                "release-query": "untested"}
     assert "CONFIG_XEN_GNTDEV_DMABUF" in report.check("dmabuf-ioctls").detail
     assert report.sources[0].status is probe.SourceStatus.NOT_GRANTABLE
     assert report.provide_modes == ["gntalloc"]
@@ -248,16 +281,20 @@ def sim_socket(tmp_path_factory):
         yield path
 
 
-@pytest.mark.parametrize("domid, traits, receive, ioctls, source", [
-    (7, "pvh", ["cpu"], "yes", "grantable"),
+@pytest.mark.parametrize("domid, traits, receive, ioctls, source, query", [
+    (7, "pvh", ["cpu"], "yes", "grantable", "no"),
     # PVH: the probe does not map its own grant, so the fix stays untested
-    (8, "pvh,fix", ["cpu"], "yes", "grantable"),
-    (9, "pvh,nodmabuf", ["cpu"], "no", "not-grantable"),
-    (10, "pv,fix", ["cpu"], "yes", "not-grantable"),  # PV domU: see below
-    (11, "pv,swiotlb", ["cpu"], "yes", "grantable"),  # dom0's kind
+    (8, "pvh,fix", ["cpu"], "yes", "grantable", "no"),
+    (9, "pvh,nodmabuf", ["cpu"], "no", "not-grantable", "untested"),
+    (10, "pv,fix", ["cpu"], "yes", "not-grantable", "untested"),  # see below
+    (11, "pv,swiotlb", ["cpu"], "yes", "grantable", "no"),  # dom0's kind
+    # the project's kernel series: PV grants its own frames, ends report
+    (13, "pv,fixed", ["cpu"], "yes", "grantable", "yes"),
+    (14, "pvh,fixed", ["cpu"], "yes", "grantable", "yes"),
+    (15, "pv,swiotlb,fixed", ["cpu"], "yes", "grantable", "yes"),
 ])
 def test_probe_against_the_simulator(sim_socket, domid, traits, receive,
-                                     ioctls, source):
+                                     ioctls, source, query):
     """Each simulated domain (one domid per kind: the simulator keeps a
     domain's traits) grants a page to itself and, in PV, receives it."""
     report = _probe_simulated(sim_socket, domid, traits)
@@ -265,6 +302,25 @@ def test_probe_against_the_simulator(sim_socket, domid, traits, receive,
     assert report.check("dmabuf-ioctls").status.value == ioctls
     assert report.check("provide-gntalloc").status is probe.Status.YES
     assert report.sources[0].status.value == source
+    assert report.check("release-query").status.value == query
+
+
+def test_receive_with_the_series_maps_for_the_cpu(sim_socket):
+    """Where the probe may receive its own grant (not PVH/HVM) and the
+    kernel could receive (simulated: an HVM-like kind run as guest type
+    PV), mmap of the received dma-buf is tried."""
+    from qubes_gpu_share.grant.expected import DomainKind, Kernel, VirtMode
+    from qubes_gpu_share.grant.sim import SimGrantDevice
+    domain = probe.Domain("xen", "PV", 16, "x86_64")
+    for domid, kernel, mmap in ((16, Kernel.FIXED, "yes"),
+                                (17, Kernel.DMABUF, "no")):
+        kind = dataclasses.replace(DomainKind.of(VirtMode.PVH, kernel),
+                                   receive_fix=True)
+        with SimGrantDevice(sim_socket, domid, kind) as device:
+            report = probe.probe(device, dataclasses.replace(
+                domain, domid=domid), [MemfdAllocator()])
+        assert report.receive_modes == ["dmabuf", "cpu"]
+        assert report.check("receive-dmabuf-mmap").status.value == mmap
 
 
 def test_pv_domu_without_swiotlb_xen_grants_no_dma_buf(sim_socket):

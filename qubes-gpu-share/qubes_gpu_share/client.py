@@ -3,9 +3,10 @@
     from qubes_gpu_share import client
     with client.Client() as agent:
         buf = agent.lease("sys-gpu", width=1920, height=1080, fourcc="XR24")
-        with buf.mmap() as pixels:          # cpu mode
+        pixels = buf.mmap()                 # either mode, where it maps
+        with buf.cpu_access():              # brackets dma-buf CPU access
             ...
-        buf.close()                         # releases the lease
+        buf.close()                         # unmaps, releases the lease
 
 It talks to this qube's agent over ``/run/qubes-gpu-share/app.sock``
 (in dom0, dom0's own agent over ``/run/qubes-gpu-share-dom0-app.sock``;
@@ -20,9 +21,12 @@ every lease it holds.
 from __future__ import annotations
 
 import array
+import contextlib
+import errno
 import mmap
 import os
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 from .agent import appproto
@@ -58,36 +62,108 @@ class ClientError(Exception):
         self.code = code
 
 
+#: Why a received dma-buf may not map, for the application's error.
+NO_DMABUF_MMAP = (
+    "this qube's kernel cannot map a received dma-buf for the CPU (its "
+    "gntdev dma-buf exporter has no mmap: kernel/0002 of qubes-gpu-share "
+    "adds it): import the fd into a GPU driver (PRIME), or lease in cpu mode")
+
+
 class LeasedBuffer:
-    """A buffer this program holds: the fd and what it is."""
+    """A buffer this program holds: the fd and what it is.
+
+    Whatever the mode, :meth:`mmap` maps it for the CPU where this qube's
+    kernel can: ``cpu`` mode is a grant mapping (every kernel); ``dmabuf``
+    mode is a dma-buf of the provider's pages, which maps where the kernel's
+    gntdev exporter has mmap (the project's kernel series) and is otherwise
+    for a GPU driver to import (PRIME). :attr:`mode` says which it is,
+    :meth:`describe_mapping` what that means here.
+    """
 
     def __init__(self, client: Client, fd: int, info: LeaseInfo):
         self._client = client
         self.fd = fd
         self.info = info
+        self._maps: list[mmap.mmap] = []
 
     lease = property(lambda self: self.info.lease)
     mode = property(lambda self: self.info.mode)
     meta = property(lambda self: self.info.meta)
 
-    def mmap(self, writable: bool = True) -> mmap.mmap:
-        """Map the pages (cpu mode; a dmabuf-mode fd has no mmap).
+    @property
+    def is_dmabuf(self) -> bool:
+        """The fd is a dma-buf (received in dmabuf mode)."""
+        return self.info.mode is ReceiveMode.DMABUF \
+            and self.info.role is Role.CONSUMER
 
-        On Xen a received buffer can be mmapped once (the kernel's gntdev
-        allows one mmap per mapping, even after munmap, and the first one
-        fixes it read-only or writable): keep the returned map for the
-        lease's life. The simulator cannot enforce this (docs/native.md).
+    def mmap(self, writable: bool = True) -> mmap.mmap:
+        """Map the pages for the CPU, in either mode.
+
+        ``cpu`` mode: on Xen a received buffer can be mmapped once (the
+        kernel's gntdev allows one mmap per mapping, even after munmap, and
+        the first one fixes it read-only or writable): keep the returned map
+        for the lease's life. The simulator cannot enforce this
+        (docs/native.md).
+
+        ``dmabuf`` mode: a dma-buf maps any number of times, where the
+        kernel allows it (ClientError ``mode`` with the reason where it
+        does not); bracket access with :meth:`cpu_access`. Every map keeps
+        the buffer: :meth:`close` unmaps the maps made here.
         """
-        if self.info.mode is ReceiveMode.DMABUF \
-                and self.info.role is Role.CONSUMER:
-            raise ClientError("mode", "a dmabuf-mode buffer has no CPU "
-                              "mapping; import it into the GPU driver")
+        if self.fd < 0:
+            raise ClientError("closed", "the buffer was closed")
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        return mmap.mmap(self.fd, self.info.length, mmap.MAP_SHARED, prot,
-                         offset=self.info.offset)
+        try:
+            view = mmap.mmap(self.fd, self.info.length, mmap.MAP_SHARED,
+                             prot, offset=self.info.offset)
+        except OSError as exc:
+            if self.is_dmabuf and exc.errno in (errno.EINVAL, errno.ENODEV):
+                raise ClientError("mode", NO_DMABUF_MMAP) from None
+            raise
+        self._maps.append(view)
+        return view
+
+    @contextlib.contextmanager
+    def cpu_access(self, read: bool = True,
+                   write: bool = True) -> Iterator[None]:
+        """Bracket CPU reads/writes of the mapped pages: for a dma-buf,
+        DMA_BUF_IOCTL_SYNC start and end (cache coherency with devices);
+        for a cpu-mode mapping, nothing is needed."""
+        if not self.is_dmabuf:
+            yield
+            return
+        from . import native
+        if not _sync(native, self.fd, True, read, write):
+            yield       # not a dma-buf (the grant simulator hands a memfd)
+            return
+        try:
+            yield
+        finally:
+            _sync(native, self.fd, False, read, write)
+
+    def describe_mapping(self) -> str:
+        """One line: what this buffer is here, and how to use it."""
+        if not self.is_dmabuf:
+            return ("cpu mode: a grant mapping of the provider's pages; "
+                    "mmap() it once and keep the map")
+        try:
+            with mmap.mmap(self.fd, mmap.PAGESIZE, mmap.MAP_SHARED,
+                           mmap.PROT_READ):
+                pass
+        except (OSError, ValueError):
+            return "dmabuf mode: " + NO_DMABUF_MMAP
+        return ("dmabuf mode: a dma-buf of the provider's pages; import it "
+                "into a GPU driver (PRIME) or mmap() it (bracket access "
+                "with cpu_access())")
 
     def close(self, release: bool = True) -> None:
-        """Close the fd (unmap first) and release the lease (consumer)."""
+        """Unmap the maps made with :meth:`mmap` (one still exported to a
+        memoryview is left to its owner), close the fd and release the
+        lease (consumer)."""
+        for view in self._maps:
+            with contextlib.suppress(BufferError):
+                view.close()
+        self._maps.clear()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -99,6 +175,17 @@ class LeasedBuffer:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _sync(native, fd: int, start: bool, read: bool, write: bool) -> bool:
+    """DMA_BUF_IOCTL_SYNC; False when the fd is no dma-buf (ENOTTY)."""
+    try:
+        native.dma_buf_sync(fd, start, read, write)
+    except OSError as exc:
+        if exc.errno == errno.ENOTTY:
+            return False
+        raise
+    return True
 
 
 def _spec(width, height, fourcc, nbytes, modifier):

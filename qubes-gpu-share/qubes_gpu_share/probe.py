@@ -12,6 +12,13 @@ every buffer source with IMP_TO_REFS, reporting each answer with its reason.
 against the simulator in tests; :func:`probe_this_domain` runs it against
 the real device. The report renders as a table (:func:`render_text`) or as
 JSON (:meth:`Report.to_json`, schema in docs/probe.md).
+
+A kernel with the project's gntdev series (kernel/) is recognised by what
+it does, never by a version: a received dma-buf that maps for the CPU
+(receive-dmabuf-mmap, where receiving is tried), a grant whose end says how
+many pages a peer still maps (release-query: a granted page ended at once
+answers 0, not "cannot tell"), and, in a PV domain, IMP_TO_REFS granting
+the buffer's own frames (the source checks: the grant is mapped back).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from collections.abc import Callable, Sequence
 from . import alloc, devices
 from .alloc.base import AllocationError, Allocator
 from .formats import PAGE_SIZE
+from .grant import this_domain
 from .grant.device import GrantDevice
 from .grant.errors import DmabufNotSupported, GrantError, NoGrantDevice
 
@@ -76,6 +84,8 @@ class Report:
     domain: Domain
     checks: tuple[Check, ...]
     sources: tuple[SourceCheck, ...]
+    #: xen-gntalloc's page limit in this domain, None when unknown
+    gntalloc_limit: int | None = None
 
     def check(self, check_id: str) -> Check:
         return next(c for c in self.checks if c.id == check_id)
@@ -99,6 +109,7 @@ class Report:
         return {
             "schema": SCHEMA_VERSION,
             "domain": dataclasses.asdict(self.domain),
+            "gntalloc_limit": self.gntalloc_limit,
             "checks": [{"id": c.id, "question": c.question,
                         "status": c.status.value, "detail": c.detail}
                        for c in self.checks],
@@ -117,6 +128,9 @@ QUESTIONS = {
     "receive-cpu": "can receive by CPU mapping (MAP_GRANT_REF + mmap)",
     "dmabuf-ioctls": "DMABUF ioctls supported (CONFIG_XEN_GNTDEV_DMABUF)",
     "receive-dmabuf": "can receive dma-bufs (EXP_FROM_REFS)",
+    "receive-dmabuf-mmap": "a received dma-buf maps for the CPU (mmap)",
+    "release-query": "ending a grant says which pages a peer still maps "
+                     "(IMP_TRY_RELEASE)",
 }
 
 
@@ -145,25 +159,36 @@ def _receive_cpu(device: GrantDevice, domid: int,
 
 
 def _receive_dmabuf(device: GrantDevice, domid: int,
-                    refs: Sequence[int]) -> tuple[Check, Check]:
-    """EXP_FROM_REFS on our own grant: whether we can receive dma-bufs and,
-    from the same answer, whether the DMABUF ioctls exist at all (only
-    ENOTTY says they do not)."""
+                    refs: Sequence[int]) -> tuple[Check, Check, Check]:
+    """EXP_FROM_REFS on our own grant: whether we can receive dma-bufs,
+    whether what we receive maps for the CPU, and, from the same answer,
+    whether the DMABUF ioctls exist at all (only ENOTTY says they do
+    not)."""
     try:
         imported = device.import_dmabuf(domid, refs)
     except DmabufNotSupported as exc:
         return (_check("receive-dmabuf", Status.NO, str(exc)),
+                _check("receive-dmabuf-mmap", Status.NO, str(exc)),
                 _check("dmabuf-ioctls", Status.NO, str(exc)))
     except GrantError as exc:
         # the self-grant is valid, so EINVAL here is the kernel's refusal
         return (_check("receive-dmabuf", Status.NO, str(exc)),
+                _check("receive-dmabuf-mmap", Status.NO,
+                       "no dma-buf is received here"),
                 _check("dmabuf-ioctls", Status.YES,
                        f"EXP_FROM_REFS answered errno {exc.errno}, "
                        f"not ENOTTY"))
     with imported:
+        mappable = imported.cpu_mappable()
         imported.release(timeout_ms=1000)
     return (_check("receive-dmabuf", Status.YES,
                    "EXP_FROM_REFS gave a dma-buf of a granted page"),
+            _check("receive-dmabuf-mmap",
+                   Status.YES if mappable else Status.NO,
+                   "mmap of the received dma-buf worked" if mappable else
+                   "mmap of the received dma-buf failed: this kernel's "
+                   "gntdev exporter has no mmap (a GPU driver can still "
+                   "import it)"),
             _check("dmabuf-ioctls", Status.YES, "EXP_FROM_REFS works"))
 
 
@@ -197,8 +222,8 @@ def _self_grant_checks(device: GrantDevice, domid: int,
         if not self_map_safe:
             return {**found, **_without_self_map(device, domid)}
         found["receive-cpu"] = _receive_cpu(device, domid, grant.refs)
-        found["receive-dmabuf"], found["dmabuf-ioctls"] = _receive_dmabuf(
-            device, domid, grant.refs)
+        (found["receive-dmabuf"], found["receive-dmabuf-mmap"],
+         found["dmabuf-ioctls"]) = _receive_dmabuf(device, domid, grant.refs)
     return found
 
 
@@ -207,22 +232,30 @@ def _without_self_map(device: GrantDevice, domid: int) -> dict[str, Check]:
     domain's grant works in every guest type (lab); whether the DMABUF
     ioctls exist shows from EXP_FROM_REFS of ref 0, which is never granted
     to us (Xen refuses it before mapping anything): ENOTTY means absent."""
-    ioctls = _receive_dmabuf(device, domid, [0])[1]
+    ioctls = _receive_dmabuf(device, domid, [0])[2]
+    unknown = ioctls.status is Status.YES
+    why = SELF_MAP_UNSAFE + ("; the agent finds out with the first dmabuf "
+                             "lease" if unknown else "")
     return {
         "receive-cpu": _check("receive-cpu", Status.YES,
                               SELF_MAP_UNSAFE + "; mapping another qube's "
                               "grant works in every guest type (lab)"),
         "receive-dmabuf": _check(
-            "receive-dmabuf", Status.UNTESTED if ioctls.status is Status.YES
-            else Status.NO, SELF_MAP_UNSAFE if ioctls.status is Status.YES
-            else ioctls.detail),
+            "receive-dmabuf", Status.UNTESTED if unknown else Status.NO,
+            why if unknown else ioctls.detail),
+        "receive-dmabuf-mmap": _check(
+            "receive-dmabuf-mmap", Status.UNTESTED if unknown else Status.NO,
+            why if unknown else ioctls.detail),
         "dmabuf-ioctls": ioctls,
     }
 
 
 def _source_check(source: Allocator, device: GrantDevice | None,
-                  domid: int | None, why_untested: str) -> SourceCheck:
-    """Allocate one page from ``source`` and grant it to ourselves."""
+                  domid: int | None, why_untested: str,
+                  ended: list[int | None]) -> SourceCheck:
+    """Allocate one page from ``source``, grant it to ourselves, end the
+    grant (nothing maps it: try_end says 0 where the kernel can tell, and
+    None where it cannot; appended to ``ended``)."""
     found = source.availability()
     if not found.ok:
         return SourceCheck(source.name, SourceStatus.UNAVAILABLE, found.reason)
@@ -230,8 +263,8 @@ def _source_check(source: Allocator, device: GrantDevice | None,
         return SourceCheck(source.name, SourceStatus.UNTESTED, why_untested)
     try:
         with source.allocate(PAGE_SIZE) as buf, \
-                device.grant_dmabuf(buf.fd, buf.pages, domid):
-            pass
+                device.grant_dmabuf(buf.fd, buf.pages, domid) as grant:
+            ended.append(grant.try_end())
     except (AllocationError, OSError) as exc:
         return SourceCheck(source.name, SourceStatus.UNAVAILABLE,
                            f"allocation failed: {exc}")
@@ -243,12 +276,31 @@ def _source_check(source: Allocator, device: GrantDevice | None,
     return SourceCheck(source.name, SourceStatus.GRANTABLE, detail)
 
 
+def _release_query(ended: list[int | None], why_untested: str) -> Check:
+    """From the source checks' ends: whether ending a grant reports."""
+    if not ended:
+        return _check("release-query", Status.UNTESTED,
+                      why_untested or "no dma-buf source granted a page to "
+                      "try it with (gntalloc pages never report)")
+    if all(held == 0 for held in ended):
+        return _check("release-query", Status.YES,
+                      "IMP_TRY_RELEASE ended a granted page and said none "
+                      "was still mapped")
+    return _check("release-query", Status.NO,
+                  "this kernel cannot say which grants a peer still maps "
+                  "(no IMP_TRY_RELEASE): a grant ended while mapped is "
+                  "deferred by the kernel, unseen")
+
+
 def probe(device: GrantDevice | None, domain: Domain,
           sources: Sequence[Allocator], why_no_device: str = "",
-          why_no_domid: str = "") -> Report:
+          why_no_domid: str = "",
+          gntalloc_limit: int | None = None) -> Report:
     """Run every check. ``device`` None means there is no grant device (say
     why in ``why_no_device``); ``domain.domid`` None means this domain's id
-    is unknown (``why_no_domid``), so nothing can be granted to ourselves."""
+    is unknown (``why_no_domid``), so nothing can be granted to ourselves.
+    ``gntalloc_limit`` is reported as given (read from /sys by
+    :func:`probe_this_domain`)."""
     if device is None:
         checks = {"grant-device": _check("grant-device", Status.NO,
                                          why_no_device),
@@ -264,11 +316,15 @@ def probe(device: GrantDevice | None, domain: Domain,
                       device, domain.domid,
                       self_map_safe=domain.guest_type not in NO_SELF_MAP)}
         why_untested = ""
+    ended: list[int | None] = []
+    source_checks = tuple(_source_check(s, device, domain.domid,
+                                        why_untested, ended)
+                          for s in sources)
+    checks["release-query"] = _release_query(ended, why_untested)
     return Report(
         domain=domain,
         checks=tuple(checks[cid] for cid in QUESTIONS),
-        sources=tuple(_source_check(s, device, domain.domid, why_untested)
-                      for s in sources))
+        sources=source_checks, gntalloc_limit=gntalloc_limit)
 
 
 # --- this domain, for real ---------------------------------------------------
@@ -315,10 +371,13 @@ def probe_this_domain(
     device, domid, why = open_device()
     sources = alloc.real_sources(devices.scan())
     domain = read_domain(domid=domid)
+    limit = this_domain.gntalloc_limit()
     if device is None:
-        return probe(None, domain, sources, why_no_device=why)
+        return probe(None, domain, sources, why_no_device=why,
+                     gntalloc_limit=limit)
     with device:
-        return probe(device, domain, sources, why_no_domid=why)
+        return probe(device, domain, sources, why_no_domid=why,
+                     gntalloc_limit=limit)
 
 
 # --- rendering ---------------------------------------------------------------
@@ -344,6 +403,11 @@ def render_text(report: Report) -> str:
     lines += _table(("BUFFER SOURCE", "RESULT", "DETAIL"),
                     [(s.name, s.status.value, s.detail)
                      for s in report.sources])
+    limit = report.gntalloc_limit
+    lines += ["", "gntalloc limit: " + (
+        "unknown (xen-gntalloc not loaded)" if limit is None else
+        f"{limit} pages at once (raise it: echo N > "
+        f"/sys/module/{this_domain.GNTALLOC_LIMIT_PARAM})")]
     lines += ["", "receive modes: " + (", ".join(report.receive_modes)
                                        or "none"),
               "provide modes: " + (", ".join(report.provide_modes)

@@ -4,7 +4,11 @@ A lease arrives as a :class:`~..protocol.LeaseAnswer` (the answer to our own
 ``qubes.GpuLease``, or ``qubes.GpuDeliver`` for an offered one). In ``cpu``
 mode the refs are mapped (MAP_GRANT_REF) and the application gets the
 mapping's fd with the offset and length to mmap; in ``dmabuf`` mode they
-become a local dma-buf (EXP_FROM_REFS) and the application gets a dup of it.
+become a local dma-buf (EXP_FROM_REFS) and the application gets a dup of it,
+with offset 0 and the buffer's length: the same mmap call maps it where the
+kernel's exporter has mmap (kernel/0002; the agent finds out when the lease
+arrives, :attr:`Received.cpu_mappable`), and it is for a GPU driver to
+import anyway.
 
 Revocation is cooperative and ordered: the agent tells the application,
 waits (bounded) until it let go (``release`` or its connection closed), and
@@ -47,6 +51,9 @@ class Received:
     #: the application connection holding it; None while nobody took it
     holder: object | None = None
     let_go: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    #: whether the application can mmap what it is handed: always in cpu
+    #: mode; in dmabuf mode where the kernel's exporter has mmap (tried)
+    cpu_mappable: bool = True
 
     @property
     def lease(self) -> str:
@@ -99,6 +106,12 @@ class Consumer:
         else:
             local = self._device.map_grant(answer.provider_domid, answer.refs)
         received = Received(answer, local, holder)
+        if isinstance(local, ImportedDmabuf):
+            received.cpu_mappable = local.cpu_mappable()
+            log.info("lease %s: the dma-buf %s for the CPU here", answer.lease,
+                     "maps" if received.cpu_mappable else
+                     "does not map (this kernel's gntdev exporter has no "
+                     "mmap): only a GPU driver can use it")
         self._leases[answer.lease] = received
         if holder is None:
             self.delivered.put_nowait(received)

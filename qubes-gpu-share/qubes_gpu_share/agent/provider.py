@@ -9,7 +9,19 @@ peer still sees back to this qube's allocator (DESIGN.md, hard facts).
 
 Without any dma-buf source (no udmabuf, no dma-heap) the provider still
 serves ``cpu`` consumers with gntalloc pages (``grant_new_pages``), as Qubes'
-GUI agent does with window buffers.
+GUI agent does with window buffers. In a PV qube a dma-buf source is used
+only where its kernel grants a dma-buf's own frames (the gntdev frames fix,
+kernel/0003, recognised by doing it: grant/this_domain.grant_refusal);
+elsewhere there it grants gntalloc pages.
+
+A consumer's word is not a release: when dom0 revokes, the provider ends
+only the grants the consumer no longer maps (``Grant.try_end``, where the
+kernel can say: IMP_TRY_RELEASE, kernel/0004). Pages still mapped stay
+granted, with their buffer, and the answer says how many
+(:func:`revoke_answer`); dom0 asks again later, and each time the provider
+ends what was let go. Where the kernel cannot say (no IMP_TRY_RELEASE,
+gntalloc pages) the grant is ended on the consumer's word, and whatever
+the consumer still maps is the kernel's deferred end, unseen.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ import os
 
 from ..alloc import Allocation, AllocationError, Allocator
 from ..grant.device import Grant, GrantDevice
-from ..grant.errors import GrantError
+from ..grant.errors import AlreadyReleased, GrantError
 from ..protocol import (Error, ExportAnswer, ExportRequest, GrantRefs,
                         RevokeAnswer, RevokeStatus)
 
@@ -60,6 +72,40 @@ class Provided:
         finally:
             if self.allocation is not None:
                 self.allocation.close()
+
+    def end(self) -> int | None:
+        """End what the consumer no longer maps: the pages it still maps
+        (they stay granted, and the buffer with them), 0 once everything
+        ended (the pages are freed), None where the kernel cannot tell
+        (everything was ended on the consumer's word and freed)."""
+        try:
+            held = self.grant.try_end()
+        except AlreadyReleased:
+            held = 0
+        if held:
+            return held
+        if self.allocation is not None:
+            self.allocation.close()
+            self.allocation = None
+        return held
+
+
+def revoke_answer(held: int | None, consumer: str) -> RevokeAnswer:
+    """The provider's answer to dom0's revoke, from the pages the consumer
+    still maps (None: the kernel cannot tell).
+
+    Hook for the broker's held-pages accounting (issue 14): pages still
+    mapped are answered ``busy`` with the count in the reason, so dom0
+    keeps the lease revoking, its budget held, and asks again later; if
+    RevokeAnswer has a ``held_pages`` field, the count goes there too.
+    """
+    fields = {f.name for f in dataclasses.fields(RevokeAnswer)}
+    extra = {"held_pages": held} if "held_pages" in fields else {}
+    if held:
+        return RevokeAnswer(RevokeStatus.BUSY,
+                            f"{held} pages still mapped by {consumer}",
+                            **extra)
+    return RevokeAnswer(RevokeStatus.RELEASED, **extra)
 
 
 class Provider:
@@ -130,19 +176,33 @@ class Provider:
         return Provided(request, grant, allocation)
 
     def revoke(self, lease: str) -> RevokeAnswer:
-        """dom0 says the consumer let go: end the grant and free the pages.
-        An unknown lease is already gone (a restart of this agent, whose
-        closed grant device ended every grant): released."""
-        provided = self._leases.pop(lease, None)
+        """dom0 says the consumer let go: end what it no longer maps, and
+        free the pages once nothing is held. Pages it still maps stay
+        granted and are answered (:func:`revoke_answer`); dom0 revokes
+        again later, which ends them once they are let go. An unknown lease
+        is already gone (a restart of this agent, whose closed grant device
+        ended every grant): released."""
+        provided = self._leases.get(lease)
         if provided is None:
-            return RevokeAnswer(RevokeStatus.RELEASED)
+            return revoke_answer(0, "")
+        consumer = provided.request.consumer
         try:
-            provided.close()
+            held = provided.end()
         except GrantError as exc:
             log.warning("lease %s: revoke reported %s", lease, exc)
-        log.info("lease %s: revoked the grant to %s", lease,
-                 provided.request.consumer)
-        return RevokeAnswer(RevokeStatus.RELEASED)
+            held = None
+            with contextlib.suppress(GrantError, OSError):
+                provided.close()
+        if held:
+            log.warning("lease %s: %s still maps %d of its %d pages: they "
+                        "stay granted", lease, consumer, held,
+                        provided.grant.pages)
+            return revoke_answer(held, consumer)
+        self._leases.pop(lease, None)
+        log.info("lease %s: revoked the grant to %s%s", lease, consumer,
+                 "" if held == 0 else " (the kernel cannot say whether it "
+                 "still maps pages)")
+        return revoke_answer(held, consumer)
 
     def owned_by(self, owner: object) -> list[str]:
         return [lease for lease, provided in self._leases.items()

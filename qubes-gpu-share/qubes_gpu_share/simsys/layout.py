@@ -30,6 +30,8 @@ import pathlib
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 
+from ..grant.expected import VirtMode
+from ..grant.open import KNOWN_WORDS
 from ..limits import SERVICE_CONSUMER, SERVICE_PROVIDER
 from ..names import DOM0, DOMID_FIRST_RESERVED, parse_qube_name
 from ..qrexec.router import Router
@@ -41,7 +43,10 @@ DOM0_SERVICES = ("qubes.GpuLease", "qubes.GpuOffer", "qubes.GpuRelease",
 #: Services an agent serves in a qube (the repo's qubes-rpc/vm/).
 QUBE_SERVICES = ("qubes.GpuExport", "qubes.GpuDeliver", "qubes.GpuRevoke")
 #: Kernel traits the grant simulator knows (grant/open.py parse_traits).
-KERNEL_TRAITS = ("nodmabuf", "fix", "swiotlb")
+#: grant/open.py's trait words besides the virt modes: a kernel (stock,
+#: dmabuf, fixed: the project's series), single patches, swiotlb
+KERNEL_TRAITS = tuple(word for word in KNOWN_WORDS
+                      if word not in {mode.value for mode in VirtMode})
 
 _MAX_MODEL = 1 << 20
 
@@ -52,8 +57,10 @@ class SimQube:
 
     ``services`` are qvm-service names (``gpu-share``, ``gpu-share-provider``);
     ``kernel`` lists grant-simulator traits besides the virt mode
-    (``fix``: the dma-buf receive fix; ``nodmabuf``: no DMABUF ioctls;
-    ``swiotlb``: a PV kernel with swiotlb-xen, which dom0 always has).
+    (``fixed``: the project's whole kernel series, kernel/; ``fix``: only
+    the dma-buf receive fix; ``nodmabuf``/``stock``: no DMABUF ioctls;
+    ``swiotlb``: a PV kernel with swiotlb-xen, which dom0 always has;
+    grant/open.py lists them all).
     ``agent`` False: the qube exists for Qubes but runs no agent.
     """
 
