@@ -20,6 +20,7 @@ xen-lab: venv lab-host-tools
 	lab/debs.py fetch
 	lab/debs.py unpack
 	lab/build-modules
+	lab/checkpatch
 	zcat $(LAB_OUT)/root/xen/boot/xen-4.17-amd64.gz > $(LAB_OUT)/xen.elf
 	cp $(LAB_OUT)/root/kernel/boot/vmlinuz-* $(LAB_OUT)/vmlinuz
 	lab/make-initramfs

@@ -11,12 +11,17 @@ import time
 import labio
 from labio import emit
 
-#: gntdev builds the lab loads, and what the expected table calls them
+#: gntdev builds the lab loads, and which kernel of the expected table
+#: (grant/expected.py, Kernel) each is
 VARIANTS = {
-    "stock": dict(dmabuf_ioctls=False, receive_fix=False),     # Debian's module
-    "upstream": dict(dmabuf_ioctls=True, receive_fix=False),   # + CONFIG_XEN_GNTDEV_DMABUF
-    "fixed": dict(dmabuf_ioctls=True, receive_fix=True),       # + kernel/0001-*.patch
+    "stock": "stock",       # Debian's module: no CONFIG_XEN_GNTDEV_DMABUF
+    "upstream": "dmabuf",   # Debian's source + CONFIG_XEN_GNTDEV_DMABUF
+    "fixed": "fixed",       # that + the project's series, kernel/0001..0004
 }
+
+
+def has_ioctls(variant):
+    return variant != "stock"
 
 
 def python(args, timeout, cwd=None, env=None):
@@ -35,9 +40,25 @@ def kind(variant):
     """This domain as the expected table describes it. The lab knows its
     own setup, so it says it rather than asking the project's reader: only
     dom0 has swiotlb-xen (the domUs have no PCI devices)."""
-    from qubes_gpu_share.grant.expected import DomainKind, VirtMode
-    return DomainKind(VirtMode(labio.guest_type()),
-                      xen_swiotlb=labio.DOM == "dom0", **VARIANTS[variant])
+    from qubes_gpu_share.grant.expected import DomainKind, Kernel, VirtMode
+    return DomainKind.of(VirtMode(labio.guest_type()),
+                         Kernel(VARIANTS[variant]),
+                         xen_swiotlb=labio.DOM == "dom0")
+
+
+def kind_words(variant):
+    """The same kind as QUBES_GPU_SHARE_KIND words (grant/open.py)."""
+    return ",".join([labio.guest_type(), VARIANTS[variant],
+                     *(["swiotlb"] if labio.DOM == "dom0" else [])])
+
+
+def device():
+    """The project's grant device, asking the kernel about its frames each
+    time: a domU swaps gntdev builds within one process, and the default
+    check is asked once per process."""
+    from qubes_gpu_share.grant.gntdev import (GntdevDevice,
+                                              kernel_grants_own_frames)
+    return GntdevDevice(frames_check=kernel_grants_own_frames)
 
 
 def outcome(fn):
@@ -82,9 +103,15 @@ def probe_matches(variant):
     should = {"grant-device": "yes", "receive-cpu": "yes",
               "provide-gntalloc": "yes",
               "dmabuf-ioctls": "yes" if k.dmabuf_ioctls else "no",
-              "receive-dmabuf": "yes" if exp.receive_dmabuf is None else "no"}
+              "receive-dmabuf": "yes" if exp.receive_dmabuf is None else "no",
+              "receive-dmabuf-mmap":
+                  "yes" if exp.mmap_dmabuf is None else "no",
+              # told by ending a granted udmabuf page: only where one is
+              "release-query": "untested" if exp.grant_dmabuf else
+                  "yes" if exp.held_pages else "no"}
     if k.dmabuf_ioctls and report["domain"]["guest_type"] in NO_SELF_MAP:
         should["receive-dmabuf"] = "untested"    # the probe does not self-map
+        should["receive-dmabuf-mmap"] = "untested"
     # udmabuf is loaded in every lab domain: granting it follows the table
     should["udmabuf"] = ("grantable" if exp.grant_dmabuf is None
                          else "not-grantable")
@@ -94,13 +121,16 @@ def probe_matches(variant):
     emit("probe", not wrong, variant=variant, ms=t.ms, wrong=wrong,
          receive_modes=report.get("receive_modes"),
          provide_modes=report.get("provide_modes"),
+         gntalloc_limit=report.get("gntalloc_limit"),
+         statuses={c: status.get(c) for c in should},
          sources=sources,
          details={c["id"]: c["detail"] for c in report["checks"]})
 
 
-def contract_suite():
+def contract_suite(variant):
     """tests/test_grant_real.py (the contract suite against this domain's
-    real grant device), run with pytest inside the domain."""
+    real grant device, with gntdev build ``variant`` loaded), run with
+    pytest inside the domain; the lab says which kernel it is."""
     from qubes_gpu_share import native
     path = "/lab/tests/test_grant_real.py"
     if not os.path.exists(path):
@@ -111,11 +141,14 @@ def contract_suite():
         rc, out, err = python(["-m", "pytest", "-q", "--tb=line", "-rfEs", "-p",
                                "no:cacheprovider", "-m", "xen", path], 180,
                               cwd="/lab", env={"QUBES_GPU_SHARE_SELF_DOMID":
-                                               str(native.own_domid())})
+                                               str(native.own_domid()),
+                                               "QUBES_GPU_SHARE_KIND":
+                                               kind_words(variant)})
     counts = {k: int(n) for n, k in re.findall(
         r"(\d+) (passed|failed|skipped|errors?|deselected)", out)}
     emit("contract-suite", rc == 0 and counts.get("passed", 0) > 0,
-         rc=rc, counts=counts, ms=t.ms,
+         rc=rc, counts=counts, ms=t.ms, variant=variant,
+         kind=kind_words(variant),
          tail=(out + err).strip().splitlines()[-40:])
 
 
@@ -126,25 +159,47 @@ def table_row(variant, peer, recv_refs, recv_bytes):
     (the caller goes on with it), else None."""
     from qubes_gpu_share.alloc.udmabuf import UdmabufAllocator
     from qubes_gpu_share.grant.expected import expected
-    from qubes_gpu_share.grant.gntdev import GntdevDevice
     k = kind(variant)
     exp = expected(k)
-    device = GntdevDevice()
+    dev = device()
     row = dict(variant=variant, virt=k.virt_mode.value)
 
     with UdmabufAllocator().allocate(4096) as buf:
-        got, why, grant = outcome(lambda: device.grant_dmabuf(buf.fd, 1, peer))
+        got, why, grant = outcome(lambda: dev.grant_dmabuf(buf.fd, 1, peer))
         if grant is not None:
             grant.revoke()
     emit("table-grant-dmabuf", got == want(exp.grant_dmabuf), **row,
          expected=want(exp.grant_dmabuf), observed=got, reason=why)
 
-    got, why, imported = outcome(lambda: device.import_dmabuf(peer, recv_refs))
+    got, why, imported = outcome(lambda: dev.import_dmabuf(peer, recv_refs))
     emit("table-receive-dmabuf", got == want(exp.receive_dmabuf), **row,
          expected=want(exp.receive_dmabuf), observed=got, reason=why)
 
+    # the received dma-buf for the CPU (kernel/0002): mmap, dom0's bytes
+    if imported is None:
+        mm, same = got, None
+    else:
+        try:
+            with imported.view().mmap(writable=False) as view:
+                same = bytes(view) == recv_bytes
+            mm = "works"
+        except OSError as e:
+            mm, same = "MapRefused", None
+            why = f"mmap: {e.strerror} (errno {e.errno})"
+    emit("table-mmap-dmabuf", mm == want(exp.mmap_dmabuf)
+         and same is not False, **row, expected=want(exp.mmap_dmabuf),
+         observed=mm, same_bytes=same, reason=why if mm != "works" else "")
+
+    # a real DRM driver imports it (vgem, PRIME_FD_TO_HANDLE)
+    if imported is None:
+        vg, why = got, "no dma-buf was received"
+    else:
+        vg, why = vgem_import(imported.fd)
+    emit("table-vgem-import", vg == want(exp.receive_dmabuf), **row,
+         expected=want(exp.receive_dmabuf), observed=vg, reason=why)
+
     def cpu_map():
-        with device.map_grant(peer, recv_refs, writable=False) as m:
+        with dev.map_grant(peer, recv_refs, writable=False) as m:
             view = m.mmap(False)
             same = bytes(view) == recv_bytes
             view.close()
@@ -154,6 +209,46 @@ def table_row(variant, peer, recv_refs, recv_bytes):
          **row, expected=want(exp.map_cpu), observed=got, reason=why,
          same_bytes=same)
     return imported
+
+
+def vgem_card():
+    """vgem's card node (the only DRM driver of a domU), loading it."""
+    for ko in open("/lab/load/vgem").read().split():
+        labio.run(["insmod", ko], check=False)    # shared deps load once
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for node in sorted(glob.glob("/dev/dri/card*")):
+            name = os.path.basename(node)
+            drv = f"/sys/class/drm/{name}/device/driver"
+            dev = os.path.realpath(f"/sys/class/drm/{name}/device")
+            if "vgem" in os.path.basename(dev) or (
+                    os.path.exists(drv) and "vgem" in os.path.realpath(drv)):
+                return node
+        time.sleep(0.1)
+    raise RuntimeError("vgem's card node did not appear")
+
+
+def vgem_import(dmabuf_fd):
+    """('works', handle note) or (errno name, why): PRIME_FD_TO_HANDLE of
+    the dma-buf into vgem, the handle closed again."""
+    from qubes_gpu_share import native
+    try:
+        card = os.open(vgem_card(), os.O_RDWR | os.O_CLOEXEC)
+    except (OSError, RuntimeError) as e:
+        return "no vgem", str(e)
+    try:
+        handle = native.drm_prime_fd_to_handle(card, dmabuf_fd)
+        native.drm_gem_close(card, handle)
+        return "works", f"GEM handle {handle}"
+    except OSError as e:
+        return errno_name(e.errno), str(e)
+    finally:
+        os.close(card)
+
+
+def errno_name(err):
+    import errno as errno_mod
+    return errno_mod.errorcode.get(err, str(err))
 
 
 SELF_GRANT = r"""

@@ -1,12 +1,17 @@
 """dom0's side of the lab (PV dom0, gntdev built from Debian's source with
-the dma-buf ioctls): check dom0 itself, then start each domU, provide its
-leases through the project's provider agent, check what the domU wrote
-back, release in the safe order, and relay the domU's results."""
+the dma-buf ioctls and the project's kernel series): check dom0 itself,
+then start each domU, provide its leases through the project's provider
+agent, check what the domU wrote back, map what it grants, release in the
+safe order, and relay the domU's results. For the ``liar`` domU, measure
+what dom0's kernel says about grants ended while the domU still maps them,
+and what happens when it is destroyed."""
 
+import collections
 import json
 import logging
 import os
 import platform
+import re
 import threading
 import time
 
@@ -25,9 +30,10 @@ STEP_TIMEOUT = 150
 #: grant mappings (lab/README.md), so the PVH steps get a fresh domU each:
 #: one kernel's failure cannot hide another step's result. pvh-self, whose
 #: kernel it corrupts, comes last.
-DOMUS = (("pv", "pv", "stock,upstream,fixed", "cross,self,probe,contract,sanity", 360),
-         ("pvh", "pvh", "stock,upstream,fixed", "cross,sanity", 240),
-         ("pvh-probe", "pvh", "upstream", "probe,sanity", 180),
+DOMUS = (("pv", "pv", "stock,upstream,fixed", "cross,self,probe,contract,sanity", 420),
+         ("pvh", "pvh", "stock,upstream,fixed", "cross,sanity", 300),
+         ("pvh-probe", "pvh", "upstream,fixed", "probe,sanity", 180),
+         ("liar", "pv", "upstream", "liar", 240),
          ("pvh-self", "pvh", "stock", "self,sanity", 180))
 #: after a domU's kernel oopsed, give it this long to print the trace
 OOPS_GRACE = 15
@@ -37,6 +43,10 @@ OOPS_GRACE = 15
 DOMU_BOOTS = 3
 #: domUs whose kernel is expected to fail (the finding they exist for)
 OOPS_EXPECTED = {"pvh-self"}
+#: domUs dom0 destroys on purpose (their death is the measurement)
+DESTROYED_BY_DOM0 = {"liar"}
+#: console lines kept per domU boot, for a discarded boot's evidence
+CONSOLE_TAIL = 12
 
 
 class WarningsSeen(logging.Handler):
@@ -88,6 +98,8 @@ class ConsoleRelay(threading.Thread):
         #: triple-faults is destroyed by Xen without a word on its own
         #: console), whether its /init said it is done (LAB-EXIT)
         self.results, self.gone, self.exited = 0, False, False
+        #: its last console lines (a discarded boot's evidence)
+        self.tail = collections.deque(maxlen=CONSOLE_TAIL)
 
     def dead(self):
         return self.gone or (self.oops_at is not None
@@ -108,6 +120,8 @@ class ConsoleRelay(threading.Thread):
                 part += f.read()
                 *lines, part = part.split("\n")
                 for line in lines:
+                    if not line.startswith("LAB-RESULT ") and line.strip():
+                        self.tail.append(line.strip()[:200])
                     self.results += line.startswith("LAB-RESULT ")
                     self.exited |= line.startswith("LAB-EXIT")
                     if line.startswith("LAB-RESULT "):
@@ -219,20 +233,47 @@ class Leases:
         emit("provider-release", not seen.messages, mode=mode, of=self.name,
              answer=answer.status.value, warnings=seen.messages, ms=t.ms)
 
-    def check_grant_back(self):
-        """The domU granted us, with IMP_TO_REFS, a udmabuf of its own
-        holding the receive bytes (the control) and, with the fixed gntdev
-        in PVH, the dma-buf it made of our refs (the re-grant). Map each,
-        compare, and tell the domU, which judges against the expected
-        table (here they are only recorded)."""
+    def check_grant_back(self, variant):
+        """The domU granted us, with the raw IMP_TO_REFS of gntdev build
+        ``variant``, a udmabuf of its own holding the receive bytes (the
+        control) and, where it received a dma-buf, that dma-buf (the
+        re-grant). Map each, compare, and tell the domU, which judges
+        against the expected table (here they are only recorded)."""
+        at = f"{self.base}/{variant}"
         verdicts = {}
         for what in ("control", "regrant"):
-            refs = labio.xs_read_ints(f"{self.base}/{what}/refs", STEP_TIMEOUT)
+            refs = labio.xs_read_ints(f"{at}/{what}/refs", STEP_TIMEOUT)
             if refs:
                 verdicts[what] = self.map_and_compare(refs)
                 emit(f"dom0-maps-{what}", None, of=self.name, pages=len(refs),
-                     verdict=verdicts[what])
-        labio.xs_write(f"{self.base}/grant-back/verdicts", json.dumps(verdicts))
+                     verdict=verdicts[what], variant=variant)
+        labio.xs_write(f"{at}/grant-back/verdicts", json.dumps(verdicts))
+
+    def check_dmabuf_written(self):
+        """The PVH domU wrote through its mmap of the dma-buf made of our
+        pages: we must read it in our own pages; then put them back."""
+        labio.xs_wait(f"{self.base}/dmabuf-written", STEP_TIMEOUT)
+        at, data = L.DMABUF_WRITE_AT, L.DMABUF_WRITE
+        seen = bytes(self.recv_buf[at:at + len(data)])
+        emit("provider-sees-dmabuf-write", seen == data, of=self.name,
+             seen=seen[:60].decode("ascii", "replace"))
+        self.recv_buf[:] = L.recv_bytes()
+        labio.xs_write(f"{self.base}/dmabuf-written/verdict",
+                       "same" if seen == data else "differs")
+
+    def check_domu_provides(self):
+        """The PV domU's provider agent granted us a buffer (a udmabuf where
+        its kernel grants its own frames, else gntalloc pages): map it,
+        compare, tell it."""
+        refs = labio.xs_read_ints(f"{self.base}/provide/refs", STEP_TIMEOUT)
+        if not refs:
+            return
+        source = labio.xs_read(f"{self.base}/provide/source")
+        verdict = self.map_and_compare(refs)
+        emit("dom0-maps-domu-provider", None, of=self.name, source=source,
+             pages=len(refs), verdict=verdict)
+        labio.xs_write(f"{self.base}/provide/verdict",
+                       "same" if verdict == "same" else verdict[:200])
 
     def map_and_compare(self, refs):
         from qubes_gpu_share.grant.errors import GrantError
@@ -280,6 +321,144 @@ def gntalloc_limit():
          observed=got, reason=why, raised_to=65536)
 
 
+def dmesg_mark():
+    """Empty the kernel's log buffer (busybox dmesg -c): what is read next
+    was logged after this point, however small the buffer."""
+    labio.run(["dmesg", "-c"], check=False, timeout=60)
+
+
+def dmesg_lines():
+    return labio.run(["dmesg"], check=False, timeout=60).splitlines()
+
+
+#: grant-table.c's pr_debug lines (dynamic debug), with the totals
+DEFERRING = re.compile(r"deferring g\.e\. (0x[0-9a-f]+) .*total deferred "
+                       r"(\d+), total leaked (\d+)")
+FREEING = re.compile(r"freeing g\.e\. (0x[0-9a-f]+) .*, (\d+) remaining")
+PENDING = re.compile(r"g\.e\. (0x[0-9a-f]+) still pending")
+DYNDBG = "/proc/dynamic_debug/control"
+FREE_PER_ITERATION = "/sys/module/grant_table/parameters/free_per_iteration"
+
+
+def deferred_log():
+    """What grant-table.c said since the last :func:`dmesg_mark`: refs
+    deferred, refs freed (and the last 'remaining' count), refs still
+    pending."""
+    lines = dmesg_lines()
+    deferred = [m for m in map(DEFERRING.search, lines) if m]
+    freed = [m for m in map(FREEING.search, lines) if m]
+    return {"deferred": len(deferred),
+            "total_deferred": int(deferred[-1].group(2)) if deferred else None,
+            "total_leaked": int(deferred[-1].group(3)) if deferred else None,
+            "freed": len(freed),
+            "remaining": int(freed[-1].group(2)) if freed else None,
+            "pending_lines": sum(1 for l in lines if PENDING.search(l)),
+            "refs_deferred": {m.group(1) for m in deferred},
+            "refs_freed": {m.group(1) for m in freed}}
+
+
+def serve_liar(domid, name):
+    """Issue 14, measured: dom0 lends the domU three buffers, which it
+    maps, says it released, and keeps. dom0 ends them three ways and says
+    what its kernel tells it; then destroys the domU and times how long
+    until every page is given back."""
+    from qubes_gpu_share.agent.provider import Provider
+    from qubes_gpu_share.alloc.udmabuf import UdmabufAllocator
+    from qubes_gpu_share.formats import blob_layout
+    from qubes_gpu_share.grant.gntdev import GntdevDevice
+    from qubes_gpu_share.names import new_lease_id
+    from qubes_gpu_share.protocol import ExportRequest
+
+    base, pages = L.base(domid), L.LIAR_PAGES
+    meta = blob_layout(pages * 4096)
+    # grant-table.c's deferral is visible only as pr_debug lines: turn
+    # them on (dynamic debug), as an admin could
+    with open(DYNDBG, "w") as f:
+        f.write("file drivers/xen/grant-table.c +p\n")
+    per_tick = open(FREE_PER_ITERATION).read().strip()
+    device = GntdevDevice()
+    providers = {"try-end": Provider(device, UdmabufAllocator()),
+                 "imp-release": Provider(device, UdmabufAllocator()),
+                 "gntalloc": Provider(device, None)}
+    leases = {}
+    for what, provider in providers.items():
+        lease = new_lease_id()
+        answer = provider.export(ExportRequest(lease, name, domid, meta))
+        leases[what] = lease
+        labio.xs_write(f"{base}/liar/{what}/lease", lease)
+        labio.xs_write_ints(f"{base}/liar/{what}/refs", list(answer.refs))
+    labio.xs_write(f"{base}/liar/buffers", ",".join(providers))
+    labio.xs_write(f"{base}/ready", 1)
+    labio.xs_wait(f"{base}/liar/released", STEP_TIMEOUT)
+
+    # the consumer's word says released: dom0 ends the grants
+    dmesg_mark()
+    answer = providers["try-end"].revoke(leases["try-end"])
+    emit("liar-try-end", answer.status.value == "busy" and
+         str(pages) in (answer.reason or ""), pages=pages,
+         answer=answer.status.value, reason=answer.reason,
+         note="IMP_TRY_RELEASE (kernel/0004) through the provider agent")
+    log = deferred_log()
+    emit("liar-try-end-defers-nothing", log["deferred"] == 0, **{
+        k: v for k, v in log.items() if not k.startswith("refs_")})
+    ended = {}
+    for what in ("imp-release", "gntalloc"):
+        provided = providers[what].get(leases[what])
+        refs = {hex(r) for r in provided.grant.refs}
+        dmesg_mark()
+        if what == "imp-release":
+            # what a kernel without IMP_TRY_RELEASE offers: IMP_RELEASE
+            provided.grant.revoke()
+            said = "IMP_RELEASE returned 0"
+        else:     # the provider agent: gntalloc pages cannot report
+            said = providers[what].revoke(leases[what]).status.value
+        time.sleep(1.5)   # the deferred timer runs once a second
+        log = deferred_log()
+        ended[what] = refs
+        emit("liar-end-deferred", log["deferred"] == pages and
+             log["refs_deferred"] == refs, how=what, pages=pages,
+             answer=said, deferred_lines=log["deferred"],
+             total_deferred=log["total_deferred"],
+             total_leaked=log["total_leaked"], freed=log["freed"],
+             note="the call said nothing; only dynamic debug shows it")
+    time.sleep(3)
+    dmesg_mark()
+    answer = providers["try-end"].revoke(leases["try-end"])
+    emit("liar-still-held", answer.status.value == "busy",
+         answer=answer.status.value, reason=answer.reason,
+         free_per_iteration=per_tick)
+
+    # the domU dies: Xen drops its mappings
+    t0 = time.monotonic()
+    run([XL, "destroy", name], timeout=60)
+    t_gone = time.monotonic() - t0
+    t_try = t_deferred = None
+    deadline = time.monotonic() + 120
+    all_refs = ended["imp-release"] | ended["gntalloc"]
+    while time.monotonic() < deadline and (t_try is None or t_deferred is None):
+        if t_try is None:
+            answer = providers["try-end"].revoke(leases["try-end"])
+            if answer.status.value == "released":
+                t_try = time.monotonic() - t0
+        if t_deferred is None:
+            log = deferred_log()
+            if all_refs <= log["refs_freed"]:
+                t_deferred = time.monotonic() - t0
+        time.sleep(0.2)
+    log = deferred_log()
+    emit("liar-destroyed", t_try is not None and t_deferred is not None,
+         destroy_s=round(t_gone, 1),
+         try_end_zero_after_s=t_try and round(t_try, 1),
+         deferred_freed_after_s=t_deferred and round(t_deferred, 1),
+         freed=len(log["refs_freed"] & all_refs), of=len(all_refs),
+         remaining=log["remaining"], free_per_iteration=per_tick,
+         pending_lines=log["pending_lines"])
+    with open(DYNDBG, "w") as f:
+        f.write("file drivers/xen/grant-table.c -p\n")
+    for provider in providers.values():
+        provider.close()
+
+
 def serve_domu(name, virt, gntdev, steps, lifetime, drm=(), attempt=1):
     """Start the domU, serve its steps, wait for its end. A domU whose
     kernel died (no LAB-EXIT: a triple fault, an oops) is booted again, up
@@ -298,11 +477,10 @@ def serve_domu(name, virt, gntdev, steps, lifetime, drm=(), attempt=1):
     try:
         if "cross" in steps.split(","):
             leases = Leases(domid, name, drm if name == "pv" else ())
-            for mode in leases.modes:
-                leases.check_written_back(mode)
-                leases.release_after_consumer(mode)
-            leases.check_grant_back()
+            serve_cross(leases, virt, gntdev.split(","))
             leases.close()
+        if "liar" in steps.split(","):
+            serve_liar(domid, name)
     except Exception as e:  # noqa: BLE001 - recorded; the domU is still waited for
         if leases is not None:
             leases.abandon()
@@ -310,10 +488,11 @@ def serve_domu(name, virt, gntdev, steps, lifetime, drm=(), attempt=1):
     finish_domu(name, t0, lifetime - (time.monotonic() - t0), relay)
     labio.ABORT = leases = None
     del labio.CONTEXT["attempt"]
-    flaky = relay.results == 0 or name not in OOPS_EXPECTED
+    flaky = relay.results == 0 or name not in OOPS_EXPECTED | DESTROYED_BY_DOM0
     if not relay.exited and flaky and attempt < DOMU_BOOTS:
         emit("domu-boot-discarded", None, domu=name, discarded=tag,
-             results=relay.results, oops=relay.oops[:6])
+             results=relay.results, oops=relay.oops[:6],
+             console=list(relay.tail))
         return serve_domu(name, virt, gntdev, steps, lifetime, drm,
                           attempt + 1)
     fds_after = len(os.listdir("/proc/self/fd"))
@@ -321,10 +500,30 @@ def serve_domu(name, virt, gntdev, steps, lifetime, drm=(), attempt=1):
          before=fds_before, after=fds_after)
 
 
+def serve_cross(leases, virt, variants):
+    """dom0's half of domu.py's cross_domain, step for step in its order."""
+    from qubes_gpu_share.grant.expected import DomainKind, Kernel, expected
+    import checks
+    for variant in variants:
+        if not checks.has_ioctls(variant):
+            continue
+        table = expected(DomainKind.of(virt, Kernel(checks.VARIANTS[variant])))
+        if table.receive_dmabuf is None and table.mmap_dmabuf is None:
+            leases.check_dmabuf_written()
+        leases.check_grant_back(variant)
+    for mode in leases.modes:
+        leases.check_written_back(mode)
+        leases.release_after_consumer(mode)
+    if virt == "pv":
+        leases.check_domu_provides()
+
+
 def environment():
     info = run([XL, "info"], timeout=60)
     xen = info.split("xen_version")[1].split(":")[1].split()[0]
     emit("env", None, kernel=platform.release(), guest_type=labio.guest_type(),
+         dom0_gntdev="fixed (Debian's source + CONFIG_XEN_GNTDEV_DMABUF + "
+                     "kernel/0001..0004)",
          python=platform.python_version(), xen=xen,
          qemu_cpu=os.environ.get("LAB_QEMU_CPU", "qemu64,+svm,+npt"))
 
@@ -333,8 +532,8 @@ def main():
     environment()
     checks.native_imports()
     drm = checks.drm_cards()
-    checks.probe_matches("upstream")
-    checks.contract_suite()
+    checks.probe_matches("fixed")
+    checks.contract_suite("fixed")
     gntalloc_limit()
     for domu in DOMUS:
         serve_domu(*domu, drm=drm)

@@ -105,15 +105,17 @@ def use_udmabuf():
 PEEK = "/dev/dmabuf_peek"
 
 
-def peek_dmabuf(fd, size):
+def peek_dmabuf(fd, size, prefix=""):
     """The bytes a dma-buf holds, read in the kernel by the lab's test-only
-    importer (lab/modules/dmabuf-peek.c): write the fd number, read back."""
+    importer (lab/modules/dmabuf-peek.c): write the fd number, read back.
+    ``prefix`` 'v' reads through the exporter's vmap instead of the sg
+    table."""
     if not os.path.exists("/sys/module/dmabuf_peek"):
         insmod("/lib/modules/lab/upstream/dmabuf-peek.ko")
     wait_for_node(PEEK)
     peek = os.open(PEEK, os.O_RDWR)
     try:
-        os.write(peek, str(fd).encode())
+        os.write(peek, f"{prefix}{fd}".encode())
         return os.pread(peek, size, 0)
     finally:
         os.close(peek)

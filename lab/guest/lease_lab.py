@@ -24,6 +24,15 @@ RECV_PAGES = 4
 RECV_META = blob_layout(RECV_PAGES * 4096)
 
 
+#: what a PVH domU writes through its mmap of the received dma-buf, and
+#: where: dom0 must read it in its own pages (then puts them back)
+DMABUF_WRITE = b"written by the domU through its mmap of the dma-buf"
+DMABUF_WRITE_AT = 2 * 4096 + 100
+
+#: the buffers dom0 lends to the lying consumer (issue 14), pages each
+LIAR_PAGES = 100
+
+
 def recv_bytes():
     return b"".join(f"lab recv page {i}\n".encode().ljust(4096, b".")
                     for i in range(RECV_PAGES))

@@ -3,21 +3,26 @@
  * dmabuf-peek: a test-only importer that reads what a dma-buf holds.
  *
  * The lab has to show that the dma-buf xen-gntdev's EXP_FROM_REFS returns
- * in a PVH domU really holds the pages dom0 granted. User space cannot read
- * it (gntdev's exporter has neither mmap nor vmap), and granting it back to
- * dom0 cannot work either (its pages are grant mappings; Xen grants only a
- * domain's own RAM). So this module does what a GPU driver importing the
- * buffer would do: attach, map the attachment, and read the pages the sg
- * table names, through the kernel's direct map.
+ * in a PVH domU really holds the pages dom0 granted. Without the project's
+ * kernel series user space cannot read it (gntdev's exporter has neither
+ * mmap nor vmap), and granting it back to dom0 cannot work either (its
+ * pages are grant mappings; Xen grants only a domain's own RAM). So this
+ * module does what a GPU driver importing the buffer would do: attach, map
+ * the attachment, and read the pages the sg table names, through the
+ * kernel's direct map. With the series' vmap (kernel/0002) it can also read
+ * the buffer as a driver's kernel mapping does: dma_buf_vmap() bracketed by
+ * dma_buf_begin/end_cpu_access().
  *
- * Use: open /dev/dmabuf_peek, write the dma-buf's fd number as decimal text,
- * read the buffer's bytes back (up to PEEK_MAX). Not for production: it
- * hands any dma-buf's contents to whoever may open the node (root only).
+ * Use: open /dev/dmabuf_peek, write the dma-buf's fd number as decimal text
+ * (the sg table) or prefixed with 'v' (vmap), read the buffer's bytes back
+ * (up to PEEK_MAX). Not for production: it hands any dma-buf's contents to
+ * whoever may open the node (root only).
  */
 #include <linux/dma-buf.h>
 #include <linux/dma-mapping.h>
 #include <linux/fs.h>
 #include <linux/highmem.h>
+#include <linux/io.h>
 #include <linux/kernel.h>
 #include <linux/miscdevice.h>
 #include <linux/module.h>
@@ -91,16 +96,62 @@ put:
 	return ret;
 }
 
+/* Read the buffer through the exporter's vmap, as a driver would. */
+static int peek_vmap(struct peek *peek, int fd)
+{
+	struct dma_buf *dmabuf = dma_buf_get(fd);
+	struct iosys_map map;
+	int ret;
+
+	if (IS_ERR(dmabuf))
+		return PTR_ERR(dmabuf);
+	ret = -EFBIG;
+	if (dmabuf->size > PEEK_MAX)
+		goto put;
+	vfree(peek->data);
+	peek->size = 0;
+	peek->data = vmalloc(dmabuf->size);
+	ret = -ENOMEM;
+	if (!peek->data)
+		goto put;
+	ret = dma_buf_begin_cpu_access(dmabuf, DMA_FROM_DEVICE);
+	if (ret)
+		goto put;
+	ret = dma_buf_vmap(dmabuf, &map);
+	if (!ret) {
+		if (map.is_iomem)
+			memcpy_fromio(peek->data, map.vaddr_iomem, dmabuf->size);
+		else
+			memcpy(peek->data, map.vaddr, dmabuf->size);
+		dma_buf_vunmap(dmabuf, &map);
+		peek->size = dmabuf->size;
+	}
+	dma_buf_end_cpu_access(dmabuf, DMA_FROM_DEVICE);
+put:
+	dma_buf_put(dmabuf);
+	return ret;
+}
+
 static ssize_t peek_write(struct file *file, const char __user *ubuf,
 			  size_t count, loff_t *ppos)
 {
+	bool vmap = false;
+	char first;
 	int fd, ret;
 
+	if (count && !get_user(first, ubuf) && first == 'v') {
+		vmap = true;
+		ubuf++;
+		count--;
+	}
 	ret = kstrtoint_from_user(ubuf, count, 10, &fd);
 	if (ret)
 		return ret;
-	ret = peek_dmabuf(file->private_data, fd);
-	return ret ? ret : count;
+	if (vmap)
+		ret = peek_vmap(file->private_data, fd);
+	else
+		ret = peek_dmabuf(file->private_data, fd);
+	return ret ? ret : count + vmap;
 }
 
 static ssize_t peek_read(struct file *file, char __user *ubuf, size_t count,
