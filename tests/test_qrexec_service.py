@@ -279,7 +279,7 @@ def test_calls_per_source_and_in_all_are_capped(tmp_path):
         for _ in range(2):
             await _hold(path, b"mail", held)
         await asyncio.sleep(0.05)
-        # 5 in flight now: the next one is refused before its descriptor
+        # 5 in flight now: the next one is refused, whoever calls
         full = await _talk(path, b"qubes.GpuLease+ bank name dom0\0")
         for _reader, writer in held:
             writer.close()
@@ -295,7 +295,7 @@ def test_calls_per_source_and_in_all_are_capped(tmp_path):
     assert reply.parse_reply(other) == b"mail  hi"
     with pytest.raises(reply.ServiceRefused, match="too many calls at once"):
         reply.parse_reply(full)
-    assert [source for source, _why in refusals] == ["work", None]
+    assert [source for source, _why in refusals] == ["work", "bank"]
 
 
 def test_an_answer_nobody_reads_does_not_hold_the_call(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import stat
 from collections.abc import Awaitable, Callable
 
@@ -27,10 +28,13 @@ class UnixServer:
 
     def __init__(self, path: str | os.PathLike, serve: Serve, *,
                  mode: int = 0o660, group: int | None = None,
-                 limit: int = 2 ** 16):
+                 limit: int = 2 ** 16, backlog: int = 100):
         self.path = os.fspath(path)
         self._serve = serve
         self._mode, self._group, self._limit = mode, group, limit
+        #: the kernel's queue of connections not accepted yet; asyncio also
+        #: accepts at most this many per turn of the loop
+        self._backlog = backlog
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task] = set()
 
@@ -40,7 +44,8 @@ class UnixServer:
         old_umask = os.umask(0o777 & ~self._mode)
         try:
             self._server = await asyncio.start_unix_server(
-                self._connected, path=self.path, limit=self._limit)
+                self._connected, path=self.path, limit=self._limit,
+                backlog=self._backlog)
         finally:
             os.umask(old_umask)
         if self._group is not None:
@@ -71,6 +76,44 @@ class UnixServer:
             await self._serve(reader, writer)
         finally:
             self._connections.discard(task)
+
+
+#: how long a connect waits while the server's accept queue is full
+CONNECT_SECONDS = 10.0
+
+
+async def open_unix_connection(path: str | os.PathLike, *,
+                               limit: int = 2 ** 16,
+                               seconds: float = CONNECT_SECONDS
+                               ) -> tuple[asyncio.StreamReader,
+                                          asyncio.StreamWriter]:
+    """asyncio.open_unix_connection that waits while the server's accept
+    queue is full.
+
+    A non-blocking connect to a Unix socket whose backlog is full fails
+    with EAGAIN: try again later, nothing is under way (unlike TCP's
+    EINPROGRESS). asyncio takes it for a connection in progress and hands
+    back a socket that is not connected (the first write fails with
+    ENOTCONN): a server busy refusing a flood would break its honest
+    callers' calls. Here the connect is simply tried again."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        while True:
+            try:
+                sock.connect(os.fspath(path))
+                break
+            except BlockingIOError:
+                if loop.time() > deadline:
+                    raise ConnectionRefusedError(
+                        f"{path}: the server's queue stayed full") from None
+                await asyncio.sleep(0.005)
+        return await asyncio.open_unix_connection(sock=sock, limit=limit)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def remove_stale_socket(path: str) -> None:

@@ -24,6 +24,7 @@ import asyncio
 import os
 from typing import Callable
 
+from .. import unixserver
 from ..names import DOM0
 from ..protocol import (MAX_HEADER, Error, ExportAnswer, ExportRequest,
                         LeaseAnswer, LeaseList, LeaseRequest, ListRequest,
@@ -155,7 +156,7 @@ class LocalSocketCaller(ConversationCaller):
                            service_with_arg: str) -> Conversation:
         service, _plus, argument = service_with_arg.partition("+")
         try:
-            reader, writer = await asyncio.open_unix_connection(self._path)
+            reader, writer = await unixserver.open_unix_connection(self._path)
         except OSError as exc:
             raise call.QrexecProblem(
                 f"cannot reach the broker at {self._path}: {exc}") from None

@@ -19,7 +19,7 @@ import asyncio
 import collections
 import dataclasses
 
-from .. import protocol
+from .. import protocol, unixserver
 from ..names import DOM0
 from ..protocol import (Error, ExportAnswer, ExportRequest, GrantRefs,
                         LeaseAnswer, Ok, Role, RevokeAnswer, RevokeRequest)
@@ -171,7 +171,7 @@ class Agents:
                          max_output: int) -> tuple[int, bytes]:
         """dom0's agent on its local socket, with the descriptor qrexec
         would write for a call from dom0."""
-        reader, writer = await asyncio.open_unix_connection(self._dom0_socket)
+        reader, writer = await unixserver.open_unix_connection(self._dom0_socket)
         try:
             writer.write(ServiceDescriptor(service, "", DOM0).encode()
                          + payload)

@@ -26,18 +26,20 @@ import grp
 import logging
 import os
 import pathlib
+import resource
 import signal
 import sys
 from collections.abc import Sequence
 
 from .. import limits
 from ..names import DOM0
+from ..qrexec import service
 from ..qrexec.service import SocketServiceServer
 from ..qubes.facts import QubesFacts
 from ..registry import DEFAULT_PATH, Registry
 from . import audit
 from .admin import AdminApi, AdminServer
-from .agents import DOM0_AGENT_SOCKET, Agents
+from .agents import DOM0_AGENT_SOCKET, IN_ALL, Agents
 from .core import Broker
 from .follow import Follower, Stopped
 from .services import BrokerServices
@@ -122,6 +124,19 @@ def sim_router_handler(root: str):
     return handler
 
 
+def call_caps(nofile: int | None = None) -> tuple[int, int]:
+    """(calls served at once in all, per calling qube) within this
+    process's fd limit: each call holds one fd; connections not identified
+    yet (a few BACKLOGs at most: qrexec/service.py), the calls out to
+    qubes (qrexec-client: up to 4 fds each), the database and the sockets
+    need theirs. The unit's LimitNOFILE=4096 gives the full caps."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    reserve = IN_ALL * 4 + 4 * service.BACKLOG + 64
+    total = max(8, min(service.MAX_CALLS, nofile - reserve))
+    return total, min(service.MAX_CALLS_PER_SOURCE, total)
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -170,17 +185,20 @@ def build(options: argparse.Namespace) -> Daemon:
     services = BrokerServices(broker)
     run_dir = pathlib.Path(options.run_dir)
     gid = _gid(QUBES_GROUP)
+    max_calls, max_per_source = call_caps()
+    log.info("serving at most %d calls at once, %d per qube", max_calls,
+             max_per_source)
+    caps = dict(max_calls=max_calls, max_per_source=max_per_source,
+                on_refused=services.refused_call)
     return Daemon(broker, Follower(broker),
                   AdminServer(str(run_dir / "admin.sock"), AdminApi(broker),
                               mode=0o660, group=gid), [
         SocketServiceServer(run_dir / "broker.sock", services.handlers(),
-                            mode=0o660, group=gid,
-                            on_refused=services.refused_call),
+                            mode=0o660, group=gid, **caps),
         SocketServiceServer(run_dir / "dom0-agent.sock",
                             services.dom0_handlers(), mode=0o660,
                             group=_gid(options.dom0_agent_group,
-                                       QUBES_GROUP),
-                            on_refused=services.refused_call)],
+                                       QUBES_GROUP), **caps)],
         memory_file(options))
 
 

@@ -27,6 +27,7 @@ import pathlib
 import stat
 from typing import Iterable, Mapping, Optional
 
+from .. import unixserver
 from ..names import DOM0
 from . import call
 from .descriptor import ServiceDescriptor
@@ -124,7 +125,7 @@ class Router:
         if path is None:
             return _failed(target, service_with_arg, call.EXIT_NOT_FOUND)
         try:
-            reader, writer = await asyncio.open_unix_connection(str(path))
+            reader, writer = await unixserver.open_unix_connection(str(path))
         except OSError:
             return _failed(target, service_with_arg, call.EXIT_PROBLEM)
         writer.write(self.descriptor(source, target, resolved,

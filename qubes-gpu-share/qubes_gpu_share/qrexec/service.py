@@ -44,6 +44,10 @@ Refusals = Callable[[Optional[ServiceDescriptor], str], None]
 #: qrexec writes the descriptor at once and a caller's message is at most a
 #: few hundred KiB; a peer that dribbles holds a connection for nothing.
 INPUT_SECONDS = 10.0
+#: ... of which the descriptor (qrexec writes it at once).
+DESCRIPTOR_SECONDS = 2.0
+#: connections queued by the kernel, and accepted per turn of the loop
+BACKLOG = 32
 #: The answer must be taken within this (a caller that never reads would
 #: hold the connection through a full socket buffer).
 OUTPUT_SECONDS = 10.0
@@ -59,7 +63,8 @@ LINGER_BYTES = 1 << 20
 
 
 async def _close_after_input(reader: asyncio.StreamReader,
-                             writer: asyncio.StreamWriter) -> None:
+                             writer: asyncio.StreamWriter, *,
+                             linger: bool = True) -> None:
     """End the answer, let the caller finish sending, then close.
 
     A service may answer before it has read all the caller's input (a
@@ -69,11 +74,16 @@ async def _close_after_input(reader: asyncio.StreamReader,
     EOF after the answer), read and drop what the caller still sends until
     its EOF, bounded by LINGER_BYTES and LINGER_SECONDS, and close; an
     answer the caller does not take in OUTPUT_SECONDS is dropped (abort).
+    A call refused over a cap (not ``linger``) is closed at once: lingering
+    would let a flood of such calls hold the very fds the caps protect
+    (the input asyncio already read is no obstacle; only bytes arriving in
+    the last instant could cost that caller its one-line refusal).
     """
-    with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+    with contextlib.suppress(OSError, asyncio.TimeoutError):
         if writer.can_write_eof() and not writer.is_closing():
             writer.write_eof()
-        await within(LINGER_SECONDS, _drop_input(reader, LINGER_BYTES))
+        if linger:
+            await within(LINGER_SECONDS, _drop_input(reader, LINGER_BYTES))
     writer.close()
     try:
         await within(OUTPUT_SECONDS, writer.wait_closed())
@@ -126,59 +136,83 @@ class SocketServiceServer(UnixServer):
                  max_per_source: int = MAX_CALLS_PER_SOURCE,
                  on_refused: Refusals = lambda descriptor, why: None):
         super().__init__(path, self._connected_service, mode=mode,
-                         group=group, limit=max(MAX_DESCRIPTOR_LEN, 2 ** 16))
+                         group=group, limit=max(MAX_DESCRIPTOR_LEN, 2 ** 16),
+                         backlog=BACKLOG)
         self._handlers = dict(handlers)
         self._only_source = only_source
         self._input_seconds = input_seconds
         self._max_calls = max_calls
         self._max_per_source = max_per_source
         self._on_refused = on_refused
-        #: calls being served, in all and per source
+        #: connections whose descriptor has not arrived yet
+        self.pending = 0
+        #: calls being served (descriptor read), in all and per source
         self.calls = 0
         self.per_source: collections.Counter[str] = collections.Counter()
 
     async def _connected_service(self, raw: asyncio.StreamReader,
                                  writer: asyncio.StreamWriter) -> None:
-        self.calls += 1
+        """One connection. Until its descriptor arrived it is anonymous
+        (counted in ``pending``; its descriptor is due within
+        DESCRIPTOR_SECONDS: qrexec writes it at once, and the server
+        accepts at most BACKLOG connections per turn of the loop, so a
+        flood of connections is identified, and refused over its qube's
+        cap, as fast as it comes); then it counts for its source and in
+        ``calls`` until it is closed (lingering included). A call over a
+        cap is refused with one line and closed at once (no linger: it
+        holds an fd no longer than it takes to say no)."""
+        source, linger = None, False
+        self.pending += 1
+        identified = False
         try:
-            if self.calls > self._max_calls:
-                self._refuse(writer, None, f"too many calls at once (more "
-                             f"than {self._max_calls}); try again later")
-            else:
-                await self._serve_one(
-                    DeadlineReader(raw, self._input_seconds), writer)
+            reader = DeadlineReader(raw, min(DESCRIPTOR_SECONDS,
+                                             self._input_seconds))
+            try:
+                descriptor = await read_descriptor(reader)
+            except (DescriptorError, StreamError) as exc:
+                log.warning("refused connection: %s", exc)
+                return
+            finally:
+                self.pending -= 1
+                identified = True
+            reader.allow(self._input_seconds)  # the whole input's deadline
+            source = descriptor.source
+            self.per_source[source] += 1
+            self.calls += 1
+            linger = await self._serve_one(descriptor, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             log.info("caller went away")
         finally:
-            self.calls -= 1
-            await _close_after_input(raw, writer)
+            if not identified:
+                self.pending -= 1
+            await _close_after_input(raw, writer, linger=linger)
+            if source is not None:
+                self.calls -= 1
+                self.per_source[source] -= 1
+                if not self.per_source[source]:
+                    del self.per_source[source]
 
-    async def _serve_one(self, reader: DeadlineReader,
-                         writer: asyncio.StreamWriter) -> None:
-        try:
-            descriptor = await read_descriptor(reader)
-        except (DescriptorError, StreamError) as exc:
-            log.warning("refused connection: %s", exc)
-            return
+    async def _serve_one(self, descriptor: ServiceDescriptor,
+                         reader: DeadlineReader,
+                         writer: asyncio.StreamWriter) -> bool:
+        """Serve (or refuse) one identified call; whether to linger."""
+        source = descriptor.source
+        over = (f"too many calls from {source} at once (more than "
+                f"{self._max_per_source})"
+                if self.per_source[source] > self._max_per_source else
+                f"too many calls at once (more than {self._max_calls})"
+                if self.calls > self._max_calls else None)
+        if over:
+            self._refuse(writer, descriptor, f"{over}; try again later")
+            await self._drain(writer)
+            return False
         refusal = self._refusal(descriptor)
         if refusal:
             self._refuse(writer, descriptor, refusal)
-            await self._drain(writer)
-            return
-        source = descriptor.source
-        self.per_source[source] += 1
-        try:
-            if self.per_source[source] > self._max_per_source:
-                self._refuse(writer, descriptor, f"too many calls from "
-                             f"{source} at once (more than "
-                             f"{self._max_per_source}); try again later")
-            else:
-                await self._dispatch(descriptor, reader, writer)
-        finally:
-            self.per_source[source] -= 1
-            if not self.per_source[source]:
-                del self.per_source[source]
+        else:
+            await self._dispatch(descriptor, reader, writer)
         await self._drain(writer)
+        return True
 
     async def _dispatch(self, descriptor: ServiceDescriptor,
                         reader: DeadlineReader,

@@ -63,6 +63,8 @@ class SimSystem:
         self.processes: dict[str, SimProcess] = {}
         self._table_entries = table_entries
         self._broker_args = list(broker_args)
+        #: a command the broker runs under (``prlimit --nofile=N --``)
+        self.broker_wrapper: list[str] = []
         self._agent_args = list(agent_args)
         self._timeout = start_timeout
         self._observer: SimGrantDevice | None = None
@@ -120,7 +122,8 @@ class SimSystem:
             "--dom0-agent-socket",
             str(layout.run_dir(DOM0) / "service.sock"),
             *self._broker_args)
-        return self._start(BROKER, argv, layout.broker_socket())
+        return self._start(BROKER, [*self.broker_wrapper, *argv],
+                           layout.broker_socket())
 
     def start_agent(self, qube: str) -> SimProcess:
         """Start (or restart) the agent of *qube* as that domain."""
