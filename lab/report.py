@@ -63,10 +63,13 @@ REQUIRED = [
     *[("dom0", t, {"of": d, "mode": m})
       for t in ("provider-sees-write", "provider-release")
       for d in ("pv", "pvh") for m in ("udmabuf", "gntalloc")],
-    *[(d, t, {"variant": v}) for d in ("pv", "pvh")
+    *[(d, t, {"variant": v}) for d, vs in (
+        ("pv", ("stock", "upstream", "fixed")),
+        ("pvh", ("stock", "upstream", "receive", "fixed")))
       for t in ("table-grant-dmabuf", "table-receive-dmabuf",
                 "table-receive-cpu", "table-mmap-dmabuf", "table-vgem-import")
-      for v in ("stock", "upstream", "fixed")],
+      for v in vs],
+    ("pvh", "grant-back-control", {"variant": "receive"}),
     *[(d, "grant-back-control", {"variant": v}) for d in ("pv", "pvh")
       for v in ("upstream", "fixed")],
     *[("pv", "provider-choice", {"variant": v}) for v in ("upstream", "fixed")],
@@ -197,8 +200,10 @@ def ms(results, dom, test, key="ms", **fields):
 
 def table(results, versions, boot, discarded=(), checkpatch=None):
     checkpatch = checkpatch or {}
-    cols = [(d, v) for d in ("pv", "pvh") for v in ("stock", "upstream", "fixed")]
-    name = {"stock": "Debian stock", "upstream": "+DMABUF", "fixed": "+DMABUF+fix"}
+    cols = [*(("pv", v) for v in ("stock", "upstream", "fixed")),
+            *(("pvh", v) for v in ("stock", "upstream", "receive", "fixed"))]
+    name = {"stock": "Debian stock", "upstream": "+DMABUF",
+            "receive": "+DMABUF+0001", "fixed": "+DMABUF+fix"}
     lines = ["| domU kernel's gntdev → | " + " | ".join(
         f"{d.upper()} {name[v]}" for d, v in cols) + " |",
         "|---|" + "---|" * len(cols)]
@@ -336,6 +341,7 @@ def table(results, versions, boot, discarded=(), checkpatch=None):
               f"Python {env.get('python', '?')}, QEMU TCG `-cpu {env.get('qemu_cpu', '?')}`, "
               f"dom0 PV, domUs started with xl. Boot: {boot}. "
               "+DMABUF = Debian's gntdev source built with CONFIG_XEN_GNTDEV_DMABUF; "
+              "+DMABUF+0001 = that plus kernel/0001 only; "
               "+fix = that plus the project's series, kernel/0001..0004 (dom0 runs it too); "
               "udmabuf built with a test-only patch (lab/modules/). Times are under "
               "software emulation."]

@@ -16,6 +16,7 @@ from labio import emit
 VARIANTS = {
     "stock": "stock",       # Debian's module: no CONFIG_XEN_GNTDEV_DMABUF
     "upstream": "dmabuf",   # Debian's source + CONFIG_XEN_GNTDEV_DMABUF
+    "receive": "dmabuf,fix",  # that + kernel/0001 only (before/after 0002)
     "fixed": "fixed",       # that + the project's series, kernel/0001..0004
 }
 
@@ -40,10 +41,15 @@ def kind(variant):
     """This domain as the expected table describes it. The lab knows its
     own setup, so it says it rather than asking the project's reader: only
     dom0 has swiotlb-xen (the domUs have no PCI devices)."""
-    from qubes_gpu_share.grant.expected import DomainKind, Kernel, VirtMode
-    return DomainKind.of(VirtMode(labio.guest_type()),
-                         Kernel(VARIANTS[variant]),
-                         xen_swiotlb=labio.DOM == "dom0")
+    return kind_of(labio.guest_type(), variant, labio.DOM == "dom0")
+
+
+def kind_of(virt, variant, swiotlb=False):
+    """The expected table's DomainKind of a domain of guest type ``virt``
+    running gntdev build ``variant`` (grant/open.py's words)."""
+    from qubes_gpu_share.grant.open import parse_traits
+    return parse_traits(",".join([virt, VARIANTS[variant],
+                                  *(["swiotlb"] if swiotlb else [])]))
 
 
 def kind_words(variant):

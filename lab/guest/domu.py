@@ -380,11 +380,13 @@ def cross_domain(base, variants):
         imported = checks.table_row(variant, 0, recv_refs, L.recv_bytes())
         if labio.guest_type() == "pv" and checks.has_ioctls(variant):
             provider_choice(variant)
-        if imported is not None:
+        if imported is not None and variant == variants[-1]:
             dmabuf_received(imported, base, variant)
             consume_dmabuf_mode(base, recv_refs, variant)
         elif checks.has_ioctls(variant):
             grant_back(base, variant)
+            if imported is not None:     # receive fix only: the table row
+                imported.release(2000)
     last = variants[-1]
     consume_cpu_leases(base, last)
     if labio.guest_type() == "pv":
