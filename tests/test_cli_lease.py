@@ -17,7 +17,7 @@ import pytest
 from simfixtures import clean_after_each, module_system
 
 from qubes_gpu_share import client
-from qubes_gpu_share.limits import BUDGET_PAGES
+from qubes_gpu_share.limits import BUDGET_PAGES, PAIR_PAGES
 from qubes_gpu_share.simsys import SimQube
 from qubes_gpu_share.simsys.processes import child_env
 
@@ -26,7 +26,8 @@ POLICY = [REPO / "policy" / "60-gpu-share.policy",
           REPO / "demo" / "policy" / "30-user-gpu-share.policy"]
 QUBES = [
     SimQube("sys-gpu", 2, "hvm", ("gpu-share-provider", "gpu-share"),
-            features={BUDGET_PAGES.feature: "16"}),
+            # a share above the budget: the budget is what a test hits
+            features={BUDGET_PAGES.feature: "16", PAIR_PAGES.feature: "32"}),
     SimQube("work", 3, "pvh", ("gpu-share", "gpu-share-provider")),
 ]
 CLI = [sys.executable, "-m", "qubes_gpu_share.cli.main"]

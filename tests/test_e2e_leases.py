@@ -178,18 +178,28 @@ def test_quota_of_leases(system):
             buffer.close()
 
 
-def test_budget_of_the_provider(system):
-    with app(system, "work") as work, app(system, "media") as media:
-        held = [work.lease("sys-gpu", width=64, height=128, fourcc="XR24")
-                for _ in range(2)]                       # 2 x 8 = 16 pages
+def test_fair_share_then_budget_of_the_provider(system):
+    """One consumer takes at most half of sys-gpu's 16 pages, so a second
+    one fits; the budget refuses the third."""
+    with app(system, "work") as work, app(system, "media") as media, \
+            app(system, "pvqube") as third:
+        held = [work.lease("sys-gpu", width=64, height=128, fourcc="XR24")]
+        with pytest.raises(client.ClientError) as share:
+            work.lease("sys-gpu", **SMALL)               # 8 + 4 > 8
+        assert share.value.code == "pair-share"
+        held.append(media.lease("sys-gpu", width=64, height=128,
+                                fourcc="XR24"))          # 2 x 8 = 16 pages
         assert system.provider_pages("sys-gpu") == 16
         with pytest.raises(client.ClientError) as refused:
-            media.lease("sys-gpu", **SMALL)
+            third.lease("sys-gpu", **SMALL)
         assert refused.value.code == "budget"
         for buffer in held:
             buffer.close()
-    refusal, = audit_lines(system, "refused")
-    assert "consumer=media provider=sys-gpu pages=4 reason=budget:" in refusal
+    share_line, budget_line = audit_lines(system, "refused")
+    assert "consumer=work provider=sys-gpu pages=4 " \
+        'reason="pair-share:' in share_line
+    assert "consumer=pvqube provider=sys-gpu pages=4 " \
+        'reason="budget:' in budget_line
 
 
 def test_dom0_takes_part_only_when_opted_in(tmp_path):
