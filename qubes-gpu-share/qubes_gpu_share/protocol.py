@@ -529,11 +529,19 @@ class RevokeRequest(_Message):
 
 @dataclasses.dataclass(frozen=True)
 class RevokeAnswer(_Message):
-    """Agent -> broker: released, or still busy (with the reason)."""
+    """Agent -> broker: released, or still busy (with the reason).
+
+    ``held_pages``, from a provider: how many of the lease's pages the
+    consumer still maps, as its kernel says (IMP_TRY_RELEASE, or the
+    simulator): they stay granted, so the lease is not over whatever the
+    consumer claimed (issue 14). Absent: the kernel cannot tell. A
+    released answer holds nothing (0 or absent).
+    """
 
     TYPE = MessageType.REVOKE_ANSWER
     status: RevokeStatus
     reason: str | None = None
+    held_pages: int | None = None
 
     def _check(self) -> None:
         _set_enum(self, "status", RevokeStatus)
@@ -541,15 +549,22 @@ class RevokeAnswer(_Message):
             raise ProtocolError("a reason comes with busy, and only with it")
         if self.reason is not None:
             _check_pattern("reason", _TEXT, self.reason)
+        if self.held_pages is not None:
+            _check_uint("held pages", self.held_pages, MAX_LEASE_PAGES)
+            if self.held_pages and self.status is RevokeStatus.RELEASED:
+                raise ProtocolError("released, yet pages held")
 
     def _fields(self):
         return [("status", self.status.value)] + \
-            ([("reason", self.reason)] if self.reason is not None else [])
+            ([("reason", self.reason)] if self.reason is not None else []) \
+            + ([("held", self.held_pages)] if self.held_pages is not None
+               else [])
 
     @classmethod
     def _parse(cls, fields, untrusted_payload):
         return cls(fields.text("status"), fields.text("reason")
-                   if fields.has("reason") else None)
+                   if fields.has("reason") else None,
+                   fields.uint("held") if fields.has("held") else None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,9 +35,11 @@ class AdminError(Exception):
     """A request the admin API refuses; one line."""
 
 
-def lease_json(lease: Lease, waiting: str | None = None) -> dict[str, Any]:
-    """A lease for the admin; ``waiting``: why it has not ended yet."""
-    return {"id": lease.id, "waiting": waiting, "consumer": lease.consumer,
+def lease_json(lease: Lease, waiting: str | None = None,
+               held_pages: int = 0) -> dict[str, Any]:
+    """A lease for the admin; ``waiting``: why it has not ended yet;
+    ``held_pages``: pages its consumer still maps, by the provider."""
+    return {"id": lease.id, "waiting": waiting, "held_pages": held_pages, "consumer": lease.consumer,
             "provider": lease.provider, "state": lease.state.value,
             "pages": lease.pages, "mode": lease.mode.value,
             "initiator": lease.initiator.value, "fourcc": lease.meta.fourcc,
@@ -104,6 +106,12 @@ class AdminApi:
 
     async def op_budgets(self):
         live = self.registry.leases(live_only=True)
+        held: dict[tuple[str, str], int] = {}
+        for lease in live:
+            for side in (("consumer", lease.consumer),
+                         ("provider", lease.provider)):
+                held[side] = held.get(side, 0) + \
+                    self.broker.held.get(lease.id, 0)
         qubes = sorted({l.provider for l in live} | {l.consumer for l in live}
                        | set(self._with_service()))
         providers, consumers = [], []
@@ -118,7 +126,9 @@ class AdminApi:
             used = self.registry.provider_pages(name)
             providers.append({"qube": name, "pages_used": used,
                               "budget_pages": plim.budget_pages,
-                              "pages_left": plim.budget_pages - used})
+                              "pages_left": plim.budget_pages - used,
+                              "held_pages": held.get(("provider", name),
+                                                     0)})
             count, pages = self.registry.consumer_usage(name)
             offered, offered_pages, _ = self.registry.consumer_share(name,
                                                                      "")
@@ -129,7 +139,9 @@ class AdminApi:
                               "offered_leases": offered,
                               "offer_quota_leases": clim.offer_quota_leases,
                               "offered_pages": offered_pages,
-                              "offer_quota_pages": clim.offer_quota_pages})
+                              "offer_quota_pages": clim.offer_quota_pages,
+                              "held_pages": held.get(("consumer", name),
+                                                     0)})
         return {"providers": providers, "consumers": consumers}
 
     async def op_settings(self, qube: str):
@@ -143,7 +155,8 @@ class AdminApi:
         return {"qube": qube, "settings": settings}
 
     def _json(self, lease: Lease) -> dict[str, Any]:
-        return lease_json(lease, self.broker.retries.waiting(lease.id))
+        return lease_json(lease, self.broker.retries.waiting(lease.id),
+                          self.broker.held.get(lease.id, 0))
 
     def _get(self, untrusted_id: Any) -> Lease:
         try:

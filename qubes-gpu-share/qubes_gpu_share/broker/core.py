@@ -100,6 +100,9 @@ class Broker:
         self._gone: set[tuple[str, Role]] = set()
         self.retries = Retries(self._retry, base=retry_base,
                                maximum=retry_max)
+        #: lease -> pages its consumer still maps, by the provider's kernel
+        #: (the lease stays releasing/revoking, charged, until they are 0)
+        self.held: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
         self._ended = 0
         #: whether qubesd's events are heard and every live lease was
@@ -472,6 +475,8 @@ class Broker:
                       f"run or halt"
             else:
                 answer = await self.agents.revoke(qube, lease.id, role)
+                if role is Role.PROVIDER:
+                    self._note_held(lease, answer)
                 if answer.status is RevokeStatus.RELEASED:
                     return True
                 why = f"busy: {answer.reason}"
@@ -482,8 +487,23 @@ class Broker:
         _audit("busy", lease, f"{why}; again in {delay:g} s")
         return False
 
+    def _note_held(self, lease: Lease, answer) -> None:
+        """What the provider's kernel says the consumer still maps (issue
+        14): those pages stay charged (the lease does not end) and are
+        shown; a kernel that cannot tell is said so in the audit."""
+        if answer.held_pages:
+            self.held[lease.id] = answer.held_pages
+            return
+        self.held.pop(lease.id, None)
+        if answer.held_pages is None and \
+                answer.status is RevokeStatus.RELEASED:
+            _audit("unverified", lease, f"{lease.provider}'s kernel cannot "
+                   f"tell whether {lease.consumer} still maps the pages "
+                   f"(no IMP_TRY_RELEASE): taken as released")
+
     async def _end(self, lease: Lease, state: State, reason: str) -> Lease:
         lease = await self._move(lease, state, reason or state.value)
+        self.held.pop(lease.id, None)
         self.retries.done(lease.id)
         self._finals.pop(lease.id, None)
         self._locks.pop(lease.id, None)

@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep ended leases and their history this "
                              "long (default: %(default)g; the journal "
                              "keeps the audit trail)")
+    parser.add_argument("--retry-max", type=_positive, metavar="SECONDS",
+                        default=60.0,
+                        help="longest wait between two tries to end a lease "
+                             "a side has not let go of (backoff from 1 s; "
+                             "default: %(default)g)")
     parser.add_argument("--history-leases", type=int, metavar="N",
                         default=history.leases,
                         help="keep at most the N newest ended leases "
@@ -181,7 +186,8 @@ def build(options: argparse.Namespace) -> Daemon:
     broker = Broker(Registry(options.registry), facts,
                     Agents(facts, dom0_socket=options.dom0_agent_socket),
                     history=limits.History(options.history_days * 86_400,
-                                           options.history_leases))
+                                           options.history_leases),
+                    retry_max=options.retry_max)
     services = BrokerServices(broker)
     run_dir = pathlib.Path(options.run_dir)
     gid = _gid(QUBES_GROUP)

@@ -37,7 +37,9 @@ commands:
                     its pages until it does
   budgets           pages used and left per provider, leases and pages
                     per consumer against its quota (its own requests;
-                    leases offered to it count apart)
+                    leases offered to it count apart); STILL-MAPPED: pages
+                    of ended leases a consumer still maps, by its
+                    provider's kernel (they stay charged)
   settings VM       the features of VM this service reads, with defaults
 
 exit status:
@@ -134,10 +136,10 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 def _leases(leases: list[dict]) -> str:
     now = time.time()
     table = _table([[l["id"], l["provider"], l["consumer"], l["state"],
-                     l["pages"], l["mode"],
+                     l["pages"], l.get("held_pages") or "-", l["mode"],
                      max(0, int(l["deadline"] - now))] for l in leases],
-                   ["ID", "PROVIDER", "CONSUMER", "STATE", "PAGES", "MODE",
-                    "TTL-LEFT"])
+                   ["ID", "PROVIDER", "CONSUMER", "STATE", "PAGES",
+                    "STILL-MAPPED", "MODE", "TTL-LEFT"])
     waiting = [f"{l['id'][:8]}: waiting: {l['waiting']}" for l in leases
                if l.get("waiting")]
     return "\n".join([table, *waiting])
@@ -155,16 +157,19 @@ def render(command: str, answer: dict[str, Any]) -> str:
             ["TIME", "FROM", "TO", "REASON"])
     if command == "budgets":
         providers = _table([[p["qube"], p.get("pages_used"),
-                             p.get("budget_pages"), p.get("pages_left")]
+                             p.get("budget_pages"), p.get("pages_left"),
+                             p.get("held_pages")]
                             for p in answer["providers"]],
-                           ["PROVIDER", "PAGES-USED", "BUDGET", "LEFT"])
+                           ["PROVIDER", "PAGES-USED", "BUDGET", "LEFT",
+                            "STILL-MAPPED"])
         consumers = _table([[c["qube"], c["leases"], c["quota_leases"],
                              c["pages"], c["quota_pages"],
                              c.get("offered_leases"),
-                             c.get("offered_pages")]
+                             c.get("offered_pages"), c.get("held_pages")]
                             for c in answer["consumers"]],
                            ["CONSUMER", "LEASES", "QUOTA", "PAGES",
-                            "QUOTA-PAGES", "OFFERED", "OFFERED-PAGES"])
+                            "QUOTA-PAGES", "OFFERED", "OFFERED-PAGES",
+                            "STILL-MAPPED"])
         return providers + "\n\n" + consumers
     return _table([[s["feature"], s["value"], s["default"]]
                    for s in answer["settings"]],
