@@ -35,6 +35,9 @@ DOMUS = (("pv", "pv", "stock,upstream,fixed", "cross,self,probe,contract,sanity"
          ("pvh-probe", "pvh", "upstream,fixed", "probe,sanity", 180),
          ("liar", "pv", "upstream", "liar", 240),
          ("pvh-self", "pvh", "stock", "self,sanity", 180))
+#: GPU buffers that live in a device's VRAM (QEMU's VGA, bochs-drm): not
+#: grantable, refused at PRIME export
+VRAM_MODES = {"drm-bochs-drm"}
 #: after a domU's kernel oopsed, give it this long to print the trace
 OOPS_GRACE = 15
 #: boots of a domU whose kernel died. Under emulation a PVH domU sometimes
@@ -188,16 +191,22 @@ class Leases:
                 answer = provider.export(ExportRequest(
                     lease, f"lab-{name}", domid, L.META))
                 if isinstance(answer, Error):
-                    # a refusal of a GPU buffer is a result, not a fault
-                    emit("provide", False if mode in L.PROVIDE_MODES else None,
-                         mode=mode, to=name, error=answer.message)
+                    # a buffer in VRAM is refused at its PRIME export
+                    # (ENOSYS: the VRAM helpers cannot export); any other
+                    # refusal is a fault
+                    emit("provide", mode in VRAM_MODES and
+                         "PRIME_HANDLE_TO_FD" in answer.message, mode=mode,
+                         to=name, error=answer.message,
+                         expected="refused" if mode in VRAM_MODES else
+                         "works")
                     continue
                 fd, off, length = provider.get(lease).dup_fd()
                 buf = L.map_fd(fd, off, length)
                 os.close(fd)
                 buf[:] = L.picture(L.SEED_PROVIDER)
-            emit("provide", True, mode=mode, to=name, pages=L.META.pages,
-                 ms=t.ms)
+            emit("provide", mode not in VRAM_MODES, mode=mode, to=name,
+                 pages=L.META.pages, ms=t.ms,
+                 expected="refused" if mode in VRAM_MODES else "works")
             self.providers[mode], self.leases[mode] = provider, (lease, buf)
             labio.xs_write(f"{self.base}/{mode}/lease", lease)
             labio.xs_write_ints(f"{self.base}/{mode}/refs",
@@ -317,7 +326,10 @@ def gntalloc_limit():
         grant.revoke()
     with open(GNTALLOC_LIMIT, "w") as f:
         f.write("65536")
-    emit("gntalloc-default-limit", None, limit=limit, pages=L.META.pages,
+    from qubes_gpu_share.grant.expected import GNTALLOC_DEFAULT_LIMIT
+    emit("gntalloc-default-limit", limit == GNTALLOC_DEFAULT_LIMIT and
+         got == "GrantTableFull", limit=limit, pages=L.META.pages,
+         expected=f"{GNTALLOC_DEFAULT_LIMIT}, GrantTableFull",
          observed=got, reason=why, raised_to=65536)
 
 
