@@ -131,7 +131,8 @@ class Consumer:
         try:
             await asyncio.to_thread(received.close_local)
         except ReleaseTimeout:
-            log.warning("lease %s: a copy of the dma-buf is still open", lease)
+            log.warning("lease %s: a copy of the dma-buf is still open or "
+                        "mapped", lease)
             return False
         finally:
             received.let_go.set()
@@ -158,7 +159,8 @@ class Consumer:
                 await asyncio.to_thread(received.close_local)
             except ReleaseTimeout:
                 return RevokeAnswer(RevokeStatus.BUSY,
-                                    "a copy of the dma-buf is still open")
+                                    "a copy of the dma-buf is still open or "
+                                    "mapped")
             self._leases.pop(lease, None)
         log.info("lease %s: let go of the buffer from %s", lease,
                  received.answer.provider)
