@@ -8,8 +8,10 @@ registry's own pragmas (WAL, synchronous=FULL). Goal: at least 0.4 cycles
 per floor commit at every size.
 
 Why the broker core: it is what a lease costs in dom0 (admission lock,
-usage from the registry, decide(), the four durable points of
-docs/broker.md, encoding and parsing the agents' messages, the audit log).
+usage from the registry, decide(), the durable points of docs/registry.md
+with the writes on the registry's writer thread, encoding and parsing the
+agents' messages, the audit log). bench_daemon.py measures the daemon as
+shipped (its process, qubesd's wire format, agents over sockets).
 The agents answer at once through the broker's own Agents (no qrexec, no
 grants, no processes): this measures the broker, and the floor says what
 the disk allows. Each run measures the floor and the cycles back to back,
@@ -17,10 +19,7 @@ so the ratio compares like with like on this shared, noisy machine.
 
 Variants:
 - serial: one client, Broker.lease then Broker.release, one at a time
-  (four commits per cycle, as the broker makes them);
-- serial-defer-released: the same with `released` committed with the next
-  commit instead of its own (a proposal for the broker, modelled here by
-  DeferReleased; docs/bench.md): three commits per cycle;
+  (two commits waited for per cycle; `active` and the end ride on them);
 - concurrent: CLIENTS clients at once; GroupCommit shares the commits.
 
 Run: .venv/bin/python bench/bench_broker.py [--quick] [--record]
@@ -30,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import shutil
 import sqlite3
@@ -40,18 +38,17 @@ from collections.abc import Sequence
 
 from common import BENCH_DIR, Stats, header, record, table, verdict
 
-from qubes_gpu_share import lease as lease_mod
 from qubes_gpu_share import names, protocol
 from qubes_gpu_share.broker.agents import Agents
 from qubes_gpu_share.broker.core import Broker
 from qubes_gpu_share.formats import PAGE_SIZE, BlobSpec, ReceiveMode, \
     blob_layout
 from qubes_gpu_share.lease import Initiator, State, new_lease
-from qubes_gpu_share.protocol import (ExportAnswer, ExportRequest, GrantRefs,
+from qubes_gpu_share.protocol import (ExportAnswer, GrantRefs,
                                       LeaseRequest, RevokeAnswer)
 from qubes_gpu_share.qrexec import reply
 from qubes_gpu_share.qubes.memory import MemoryQubes
-from qubes_gpu_share.registry import (Create, GroupCommit, Registry,
+from qubes_gpu_share.registry import (Create, Registry,
                                       Transition)
 
 GOAL = 0.4            # cycles per floor commit
@@ -111,48 +108,12 @@ async def instant_agents(qube: str, service: str, payload: bytes):
     return 0, _RELEASED
 
 
-class DeferReleased(GroupCommit):
-    """GroupCommit that holds `released` back until the next commit (or
-    ``linger`` seconds), as docs/bench.md proposes for the broker: after a
-    crash such a lease is `releasing` and the provider is asked again
-    (idempotent). Only for measuring the proposal."""
-
-    def __init__(self, registry: Registry, linger: float = 0.05):
-        super().__init__(registry)
-        self._held: list[Transition] = []
-        self._linger = linger
-
-    async def apply(self, changes, *, settled=None):
-        if changes and all(isinstance(c, Transition)
-                           and c.state is State.RELEASED for c in changes):
-            self._held.extend(changes)
-            if len(self._held) == len(changes):
-                asyncio.get_running_loop().call_later(
-                    self._linger, self.flush)
-            if settled is not None:
-                settled()
-            return [lease_mod.advance(self._registry.get(c.lease_id),
-                                      c.state, reason=c.reason,
-                                      now=time.time()) for c in changes]
-        held, self._held = self._held, []
-        return (await super().apply([*held, *changes],
-                                    settled=settled))[len(held):]
-
-    def flush(self) -> None:
-        """Commit what is held (the linger timer, or the end of a run)."""
-        held, self._held = self._held, []
-        if held:
-            self._commit(held)
-
-
-def make_broker(path: str, *, defer_released: bool = False) -> Broker:
+def make_broker(path: str) -> Broker:
     model = MemoryQubes.from_dict(QUBES_MODEL, service_handler=instant_agents)
     broker = Broker(Registry(path), model, Agents(model))
     # the core alone: no event follower here (bench_daemon.py runs the
     # daemon as shipped, follower and all)
     broker.trusted = lambda: True
-    if defer_released:
-        broker.commits = DeferReleased(broker.registry)
     return broker
 
 
@@ -207,8 +168,6 @@ def cycles_per_second(loop: asyncio.AbstractEventLoop, broker: Broker,
         await asyncio.gather(*(_client(broker, per_client, offset + c,
                                        clients) for c in range(clients)))
         await broker.idle()
-        if isinstance(broker.commits, DeferReleased):
-            broker.commits.flush()
 
     start = time.perf_counter()
     loop.run_until_complete(run())
@@ -217,12 +176,8 @@ def cycles_per_second(loop: asyncio.AbstractEventLoop, broker: Broker,
     return done / elapsed, done / max(1, broker.commits.commits - commits)
 
 
-#: variant -> (clients, defer released)
-VARIANTS: dict[str, tuple[int, bool]] = {
-    "serial": (1, False),
-    "serial-defer-released": (1, True),
-    "concurrent": (CLIENTS, False),
-}
+#: variant -> clients
+VARIANTS: dict[str, int] = {"serial": 1, "concurrent": CLIENTS}
 
 
 def measure(size: int, runs: int, cycles: int, floor_n: int,
@@ -235,14 +190,13 @@ def measure(size: int, runs: int, cycles: int, floor_n: int,
     per_commit: dict[str, list[float]] = {v: [] for v in VARIANTS}
     with Registry(reg_path) as reg:
         fill(reg, size)
-    brokers = {name: make_broker(reg_path, defer_released=defer)
-               for name, (_clients, defer) in VARIANTS.items()}
+    brokers = {name: make_broker(reg_path) for name in VARIANTS}
     loop = asyncio.new_event_loop()
     try:
         for run in range(runs):
             floor = floor_commits(floor_path, floor_n)
             floors.append(floor)
-            for name, (clients, _defer) in VARIANTS.items():
+            for name, clients in VARIANTS.items():
                 rate, cpc = cycles_per_second(loop, brokers[name], cycles,
                                               run * cycles, clients)
                 rates[name].append(rate)

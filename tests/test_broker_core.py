@@ -27,13 +27,14 @@ REQUEST = LeaseRequest(BlobSpec(3 * PAGE), ReceiveMode.CPU, 60)
 
 
 def run(coro):
-    """Run a flow, then let the broker's background work finish."""
+    """Run a flow, then let the broker's background work finish (the
+    commits of changes that did not wait for one included)."""
     async def main(broker=None):
         try:
             return await coro
         finally:
-            for task in asyncio.all_tasks() - {asyncio.current_task()}:
-                await asyncio.gather(task, return_exceptions=True)
+            while tasks := asyncio.all_tasks() - {asyncio.current_task()}:
+                await asyncio.gather(*tasks, return_exceptions=True)
     return asyncio.run(main())
 
 
@@ -52,7 +53,9 @@ def test_pull_cycle_records_every_step_and_returns_the_budget(tmp_path):
     states = [e.new_state for e in broker.registry.history(lease_id)]
     assert states == [State.REQUESTED, State.EXPORTING, State.ACTIVE,
                       State.RELEASING, State.RELEASED]
-    assert commits == 4
+    # two commits waited for (requested+exporting; active+releasing), the
+    # end rode on a later one (docs/registry.md, durable points)
+    assert commits == 2
     assert broker.registry.provider_pages("sys-gpu") == 0
     export = [m for q, n, m in agents.calls if n == "qubes.GpuExport"][0]
     assert export.consumer == "work"

@@ -9,6 +9,7 @@ import pytest
 
 from qubes_gpu_share import lease, registry
 from qubes_gpu_share.lease import State
+from qubes_gpu_share.groupcommit import GroupCommit
 from qubes_gpu_share.registry import Create, Transition
 from registry_crash_child import sample_lease
 
@@ -364,7 +365,7 @@ def _cycle_steps(item):
 
 
 def test_group_commit_shares_commits_between_concurrent_requests(reg):
-    group = registry.GroupCommit(reg)
+    group = GroupCommit(reg)
     items = [sample_lease(consumer=f"app{i}") for i in range(8)]
 
     async def request(item):
@@ -382,7 +383,7 @@ def test_group_commit_shares_commits_between_concurrent_requests(reg):
 
 
 def test_group_commit_isolates_a_bad_request(reg):
-    group = registry.GroupCommit(reg)
+    group = GroupCommit(reg)
     good, bad = sample_lease(), sample_lease()
 
     async def main():
@@ -401,7 +402,7 @@ def test_group_commit_settles_before_anyone_else_runs(reg):
     """``settled`` runs right after the commit (or refusal) of its request,
     before any other coroutine could read the registry: a count kept in
     memory until the registry holds it is never seen twice or not at all."""
-    group = registry.GroupCommit(reg)
+    group = GroupCommit(reg)
     good, bad = sample_lease(pages=3), sample_lease(pages=5)
     reserved = {good.id: 3, bad.id: 5}
     seen = []

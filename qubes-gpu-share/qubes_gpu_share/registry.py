@@ -20,7 +20,6 @@ See docs/registry.md for the schema and the reasons behind it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import sqlite3
@@ -340,6 +339,8 @@ class Registry:
         self._clock = clock
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a
         # transaction is exactly what _transaction() says, nothing implicit.
+        # Two connections: writes (on groupcommit's writer thread) and
+        # reads (on the event loop); in WAL a read never waits for a commit.
         self._conn = sqlite3.connect(path, isolation_level=None,
                                      check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
@@ -356,8 +357,13 @@ class Registry:
                            f"{WAL_CHECKPOINT_PAGES:d}")
         self._conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES:d}")
         migrate(self._conn)
+        self._read = sqlite3.connect(path, isolation_level=None,
+                                     check_same_thread=False)
+        self._read.row_factory = sqlite3.Row
+        self._read.execute("PRAGMA busy_timeout = 5000")
 
     def close(self) -> None:
+        self._read.close()
         self._conn.close()
 
     def __enter__(self) -> Registry:
@@ -437,19 +443,21 @@ class Registry:
 
     # -- reading ---------------------------------------------------------
 
-    def _get(self, lease_id: str) -> Lease:
-        row = self._conn.execute(QUERIES["get"], (lease_id,)).fetchone()
+    def _get(self, lease_id: str, conn: sqlite3.Connection | None = None
+             ) -> Lease:
+        row = (conn or self._conn).execute(QUERIES["get"],
+                                           (lease_id,)).fetchone()
         if row is None:
             raise UnknownLease(lease_id)
         return _lease_from_row(row)
 
     def get(self, lease_id: str) -> Lease:
         """The lease with this id; :class:`UnknownLease` if there is none."""
-        return self._get(lease_id)
+        return self._get(lease_id, self._read)
 
     def _select(self, sql: str, params: Sequence = ()) -> list[Lease]:
         return [_lease_from_row(row)
-                for row in self._conn.execute(sql, params)]
+                for row in self._read.execute(sql, params)]
 
     def leases(self, *, consumer: str | None = None,
              provider: str | None = None, state: State | None = None,
@@ -464,7 +472,7 @@ class Registry:
         return self._select(QUERIES["live_of_qube"], (qube, qube))
 
     def _usage(self, qube: str, side: str) -> tuple[int, int]:
-        row = self._conn.execute(QUERIES["usage"], (qube, side)).fetchone()
+        row = self._read.execute(QUERIES["usage"], (qube, side)).fetchone()
         return (row[0], row[1]) if row else (0, 0)
 
     def consumer_usage(self, consumer: str) -> tuple[int, int]:
@@ -476,7 +484,7 @@ class Registry:
                        ) -> tuple[int, int, int]:
         """(offered leases, their pages, pages held of ``provider``) of a
         consumer's live leases."""
-        row = self._conn.execute(QUERIES["consumer_share"],
+        row = self._read.execute(QUERIES["consumer_share"],
                                  (provider, consumer)).fetchone()
         return row[0], row[1], row[2]
 
@@ -489,10 +497,10 @@ class Registry:
         (one line each; empty when it is right). Reads every live lease:
         for tests, the crash test and diagnosis, not for admission."""
         stored = {(row[0], row[1]): (row[2], row[3]) for row in
-                  self._conn.execute("SELECT qube, side, leases, pages "
+                  self._read.execute("SELECT qube, side, leases, pages "
                                      "FROM usage")}
         summed = {(row[0], row[1]): (row[2], row[3]) for row in
-                  self._conn.execute(QUERIES["usage_summed"])}
+                  self._read.execute(QUERIES["usage_summed"])}
         return [f"{side} {qube}: usage table {stored.get((qube, side))}, "
                 f"live leases {summed.get((qube, side), (0, 0))}"
                 for qube, side in sorted(stored.keys() | summed.keys())
@@ -505,7 +513,7 @@ class Registry:
 
     def ended_count(self) -> int:
         """How many ended leases are kept (history, for ``show``)."""
-        return self._conn.execute(QUERIES["ended_count"]).fetchone()[0]
+        return self._read.execute(QUERIES["ended_count"]).fetchone()[0]
 
     def prune(self, now: float, *, keep_seconds: float, keep_leases: int,
               batch: int = 1000) -> int:
@@ -519,7 +527,8 @@ class Registry:
         keeps the long-term trail (broker/audit.py)."""
         cutoff = now - keep_seconds
         with _transaction(self._conn):
-            excess = self.ended_count() - keep_leases
+            excess = self._conn.execute(
+                QUERIES["ended_count"]).fetchone()[0] - keep_leases
             ids = []
             for row in self._conn.execute(QUERIES["ended_oldest"], (batch,)):
                 if len(ids) >= excess and row[1] >= cutoff:
@@ -532,7 +541,7 @@ class Registry:
     def next_deadline(self) -> float | None:
         """The nearest deadline of an expirable lease (None: none), from
         the index: the expiry timer never reads the leases themselves."""
-        return self._conn.execute(QUERIES["next_deadline"]).fetchone()[0]
+        return self._read.execute(QUERIES["next_deadline"]).fetchone()[0]
 
     def past_deadline(self, now: float) -> list[Lease]:
         """Leases whose TTL ran out and that are not already ending."""
@@ -548,82 +557,13 @@ class Registry:
                       old_state=State(row["old_state"])
                       if row["old_state"] else None,
                       new_state=State(row["new_state"]), reason=row["reason"])
-                for row in self._conn.execute(QUERIES["history"],
+                for row in self._read.execute(QUERIES["history"],
                                               (lease_id,))]
 
     def explain(self, sql: str, params: Sequence = ()) -> list[str]:
         """EXPLAIN QUERY PLAN of ``sql`` (for tests and diagnosis)."""
         return [row["detail"] for row in
-                self._conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
-
-
-class GroupCommit:
-    """Combine the changes of concurrent requests into one commit.
-
-    Each broker request awaits :meth:`apply` with the changes it needs
-    durable before it may go on (e.g. ``exporting`` before calling the
-    provider). Requests that arrive in the same event-loop turn share one
-    transaction and so one fsync; each gets its own results only after that
-    commit returned. One request's illegal change must not fail the others:
-    if the combined batch is refused, each request's changes are applied
-    again on their own, so every request still gets all or nothing.
-
-    ``settled``, when given, is called as soon as the request's changes
-    were committed or refused, before any other coroutine runs: a caller
-    that counts something in memory until it is in the registry (e.g. pages
-    admitted but not yet committed, so that admission need not hold its
-    lock across the fsync) stops counting it exactly when the registry
-    starts, never both or neither.
-    """
-
-    def __init__(self, registry: Registry) -> None:
-        self._registry = registry
-        self._pending: list[tuple[Sequence[Change], asyncio.Future,
-                                  Callable[[], None] | None]] = []
-        self.commits = 0
-
-    async def apply(self, changes: Sequence[Change], *,
-                    settled: Callable[[], None] | None = None) -> list[Lease]:
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((changes, future, settled))
-        if len(self._pending) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
-        return await future
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        try:
-            results = self._commit([c for changes, _, _ in pending
-                                    for c in changes])
-        except Exception:  # pylint: disable=broad-except
-            for changes, future, settled in pending:
-                self._settle(future, changes, settled)
-            return
-        for changes, future, settled in pending:
-            if settled is not None:
-                settled()
-            if not future.cancelled():  # committed all the same
-                future.set_result(results[:len(changes)])
-            del results[:len(changes)]
-
-    def _settle(self, future: asyncio.Future, changes: Sequence[Change],
-                settled: Callable[[], None] | None) -> None:
-        try:
-            results = self._commit(changes)
-        except Exception as exc:  # pylint: disable=broad-except
-            if not future.cancelled():
-                future.set_exception(exc)
-        else:
-            if not future.cancelled():
-                future.set_result(results)
-        finally:
-            if settled is not None:
-                settled()
-
-    def _commit(self, changes: Sequence[Change]) -> list[Lease]:
-        results = self._registry.apply(changes)
-        self.commits += 1
-        return results
+                self._read.execute("EXPLAIN QUERY PLAN " + sql, params)]
 
 
 def leases_query(*, consumer: str | None, provider: str | None,

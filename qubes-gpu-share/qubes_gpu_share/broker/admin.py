@@ -65,6 +65,9 @@ class AdminApi:
         if method is None:
             raise AdminError(f"unknown request {request['op'][:20]!r}")
         args = {k: v for k, v in request.items() if k != "op"}
+        # what the admin reads is on disk: changes still waiting for a
+        # commit (broker/core.py, durable points) are written first
+        await self.broker.commits.flush()
         try:
             return await method(**args)
         except TypeError:

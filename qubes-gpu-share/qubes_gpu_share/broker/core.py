@@ -6,11 +6,15 @@ decode what arrives and call in here; :mod:`.follow` feeds it qubesd's
 events and runs the expiry timer. The broker never touches buffer memory;
 it relays integers and metadata.
 
-Durable points (docs/broker.md): a pull or offer records
-``requested+exporting`` in one commit before the provider is asked, then
-``active`` before anyone learns the refs; a release records ``releasing``
-before the provider is asked and ``released`` after it confirmed. All go
-through one :class:`GroupCommit`, so concurrent requests share commits.
+Durable points (docs/registry.md argues each): a pull or offer records
+``requested+exporting`` durably before the provider is asked; ``active``
+rides on the next commit (the refs may reach the consumer first: after a
+crash the lease is ``exporting`` and is revoked, consumer first); a
+release records ``releasing`` durably before the provider is asked, and
+the end rides on the next commit (after a crash the lease is
+``releasing`` and the provider, asked again, confirms again). All go
+through one :class:`GroupCommit`, off the event loop, so concurrent
+requests share commits.
 
 Ending a lease follows the release order Xen imposes: the consumer lets go
 and confirms first, only then the provider releases. The broker never acts
@@ -41,7 +45,9 @@ from ..protocol import (ExportRequest, GrantRefs, LeaseAnswer, LeaseEntry,
                         LeaseList, Role, RevokeStatus)
 from ..qubes.facts import QubesFacts, QubesFactsError
 from ..qubes.info import Domain, QubeInfo
-from ..registry import Create, GroupCommit, Registry, Transition, UnknownLease
+from ..groupcommit import GroupCommit
+from ..lease import advance
+from ..registry import Create, Registry, Transition, UnknownLease
 from . import audit
 from .agents import AgentError, Agents
 from .retries import Retries
@@ -100,6 +106,8 @@ class Broker:
         self._gone: set[tuple[str, Role]] = set()
         self.retries = Retries(self._retry, base=retry_base,
                                maximum=retry_max)
+        #: domains (name, xid, start) found with no stale lease on their id
+        self._clean: set[tuple[str, int, str]] = set()
         #: lease -> pages its consumer still maps, by the provider's kernel
         #: (the lease stays releasing/revoking, charged, until they are 0)
         self.held: dict[str, int] = {}
@@ -143,7 +151,7 @@ class Broker:
             # for: finish now rather than at the next retry
             return await self.revoke(lease.id, lease.reason)
         async with self._lock(lease.id):
-            lease = self.registry.get(lease.id)
+            lease = self.get(lease.id)
             if lease.state != State.ACTIVE:
                 return _already_ending(lease)
             lease = await self._move(lease, State.RELEASING,
@@ -169,8 +177,7 @@ class Broker:
         """End a live lease in the safe order; returns it as it was left
         (``revoking`` when a side did not confirm: retried later)."""
         async with self._lock(lease_id):
-            return await self._finish(self.registry.get(lease_id),
-                                      reason=reason)
+            return await self._finish(self.get(lease_id), reason=reason)
 
     async def revoke_qube(self, qube: str, reason: str) -> list[Lease]:
         """End every live lease ``qube`` takes part in (each in order)."""
@@ -200,6 +207,8 @@ class Broker:
         what happened while nobody listened is unknown. Raises
         QubesFactsError when qubesd cannot answer (nothing is ended on a
         guess); returns how many leases it started to end."""
+        await self.commits.flush()  # leases whose `active` waits included
+        self._clean.clear()  # whatever was missed: found again
         infos: dict[str, QubeInfo | None] = {}
         ending = []
         for lease in self.registry.leases(state=State.ACTIVE):
@@ -221,6 +230,8 @@ class Broker:
         info = await self.facts.describe(qube)
         if info is None or info.domain is None:
             return
+        self._clean = {clean for clean in self._clean
+                       if clean[1] != info.xid}
         stale = self._stale_on(info)
         stale += [lease for lease in self.registry.live_of_qube(qube)
                   if lease not in stale
@@ -243,7 +254,7 @@ class Broker:
                 raise Refused("export-failed",
                               f"{provider} did not grant: {err}",
                               lease=lease) from None
-            lease = await self._move(lease, State.ACTIVE,
+            lease = self._move_later(lease, State.ACTIVE,
                                      f"granted by {provider}", refs=refs)
             answer = _lease_answer(lease, refs)
             if kind is Kind.OFFER:
@@ -343,15 +354,27 @@ class Broker:
 
     def _stale_on(self, info: QubeInfo) -> list[Lease]:
         """Live leases bound to ``info``'s domain id under another name or
-        an earlier run."""
+        an earlier run.
+
+        Once a domain was found clean it stays clean until another domain
+        gets its id, which is a domain start (the follower calls
+        :meth:`domain_started`) or something missed while events were down
+        (:meth:`recheck`): both forget what was found, so admission does
+        not read every live lease of a busy provider each time."""
         current = info.domain
         if current is None:
             return []
-        return [lease for lease in self.registry.live_on_domid(current.xid)
-                if any(domain.xid == current.xid
-                       and not (name == info.name
-                                and domain.same_run(current))
-                       for name, domain in _sides(lease))]
+        identity = (info.name, current.xid, current.start)
+        if identity in self._clean:
+            return []
+        stale = [lease for lease in self.registry.live_on_domid(current.xid)
+                 if any(domain.xid == current.xid
+                        and not (name == info.name
+                                 and domain.same_run(current))
+                        for name, domain in _sides(lease))]
+        if not stale:
+            self._clean.add(identity)
+        return stale
 
     async def _supersede(self, owner: QubeInfo, stale: list[Lease]) -> None:
         """End leases whose side's domain id ``owner`` now holds."""
@@ -411,8 +434,8 @@ class Broker:
         if err.answered:
             lease = await self._move(lease, State.FAILED, reason)
             _audit("failed", lease, reason)
-        else:
-            await self._revoke_later(lease, reason)
+        else:  # the consumer was not answered: only the provider is told
+            await self._revoke_later(lease, reason, ask_consumer=False)
 
     async def _deliver(self, lease: Lease, answer: LeaseAnswer) -> None:
         try:
@@ -436,7 +459,9 @@ class Broker:
             return await self._end(lease, State.FAILED, reason)
         if lease.state in (State.EXPORTING, State.ACTIVE):
             lease = await self._move(lease, State.REVOKING, reason)
-        if lease.state == State.REVOKING and ask_consumer and lease.refs \
+        # the consumer is asked even without refs on record: an ``active``
+        # that a crash kept from the disk may have reached it
+        if lease.state == State.REVOKING and ask_consumer \
                 and not await self._side_done(lease, Role.CONSUMER):
             return lease
         if not await self._side_done(lease, Role.PROVIDER):
@@ -454,7 +479,7 @@ class Broker:
 
         async def finish() -> None:
             async with self._lock(lease.id):
-                await self._finish(self.registry.get(lease.id))
+                await self._finish(self.get(lease.id))
         self.spawn(finish())
 
     async def _side_done(self, lease: Lease, role: Role) -> bool:
@@ -502,7 +527,7 @@ class Broker:
                    f"(no IMP_TRY_RELEASE): taken as released")
 
     async def _end(self, lease: Lease, state: State, reason: str) -> Lease:
-        lease = await self._move(lease, state, reason or state.value)
+        lease = self._move_later(lease, state, reason or state.value)
         self.held.pop(lease.id, None)
         self.retries.done(lease.id)
         self._finals.pop(lease.id, None)
@@ -513,16 +538,17 @@ class Broker:
         self._ended += 1
         if self._ended >= PRUNE_EVERY:
             self._ended = 0
-            self.prune()
+            self.spawn(self.prune())
         return lease
 
-    def prune(self) -> int:
-        """Forget ended leases beyond the kept history (limits.History)."""
+    async def prune(self) -> int:
+        """Forget ended leases beyond the kept history (limits.History),
+        on the registry's writer thread."""
         pruned, batch = 0, 1000
         while True:
-            count = self.registry.prune(
+            count = await self.commits.run(lambda: self.registry.prune(
                 self.clock(), keep_seconds=self.history.seconds,
-                keep_leases=self.history.leases, batch=batch)
+                keep_leases=self.history.leases, batch=batch))
             pruned += count
             if count < batch:
                 return pruned
@@ -530,7 +556,7 @@ class Broker:
     def _retry(self, lease_id: str) -> None:
         async def again() -> None:
             async with self._lock(lease_id):
-                await self._finish(self.registry.get(lease_id))
+                await self._finish(self.get(lease_id))
         self.spawn(again())
 
     async def _revoke_all(self, ids: Iterable[str], reason: str) -> list[Lease]:
@@ -548,9 +574,11 @@ class Broker:
 
     async def idle(self) -> None:
         """Wait until background work (cleanups, revocations started by
-        events) is done; retries waiting on their timer are not waited for."""
+        events) is done and every change is on disk; retries waiting on
+        their timer are not waited for."""
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.commits.flush()
 
     def spawn(self, coro) -> None:
         """Run ``coro`` in the background; a failure is logged."""
@@ -569,6 +597,11 @@ class Broker:
         for task in self._tasks:
             task.cancel()
 
+    async def aclose(self) -> None:
+        """:meth:`close`, then commit what waits and stop the writer."""
+        self.close()
+        await self.commits.aclose()
+
     # -- helpers ----------------------------------------------------------
 
     def _lock(self, lease_id: str) -> asyncio.Lock:
@@ -576,15 +609,30 @@ class Broker:
 
     async def _move(self, lease: Lease, state: State, reason: str, *,
                     refs: GrantRefs | tuple = ()) -> Lease:
+        """A change that is durable when this returns."""
         return (await self.commits.apply([
             Transition(lease.id, state, protocol.one_line(reason),
                        tuple(refs))]))[0]
+
+    def _move_later(self, lease: Lease, state: State, reason: str, *,
+                    refs: GrantRefs | tuple = ()) -> Lease:
+        """A change that rides on the next commit (GroupCommit.later)."""
+        reason = protocol.one_line(reason)
+        moved = advance(lease, state, reason=reason, now=self.clock(),
+                        refs=refs)
+        self.commits.later(Transition(lease.id, state, reason, tuple(refs)),
+                           moved)
+        return moved
+
+    def get(self, lease_id: str) -> Lease:
+        """The lease as it is, a change still on its way to disk included."""
+        return self.commits.pending(lease_id) or self.registry.get(lease_id)
 
     def _own_lease(self, caller: str, untrusted_lease_id: str) -> Lease:
         """The lease if ``caller`` is one of its parties; the same refusal
         whether it does not exist or belongs to others (no probing)."""
         try:
-            lease = self.registry.get(parse_lease_id(untrusted_lease_id))
+            lease = self.get(parse_lease_id(untrusted_lease_id))
         except (InvalidName, UnknownLease):
             lease = None
         if lease is None or caller not in (lease.consumer, lease.provider):

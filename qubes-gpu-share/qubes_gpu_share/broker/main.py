@@ -174,9 +174,9 @@ class Daemon:
     model_file: str | None = None
 
     async def close(self) -> None:
-        self.broker.close()
         for server in [*self.services, self.admin]:
             await server.close()
+        await self.broker.aclose()
         self.broker.registry.close()
 
 
