@@ -394,11 +394,13 @@ async def test_a_consumer_that_keeps_its_mapping_holds_the_pages(system):
                                                      Role.PROVIDER)
             assert answer.status is RevokeStatus.BUSY
             assert answer.reason == "2 pages still mapped by work"
+            assert answer.held_pages == 2
         with pytest.raises(Exception):   # the unmapped page was ended
             liar.map_grant(system.domids["gpu"], refs[2:])
         mapping.close()
         answer = await system.broker.revoke_side("gpu", lease, Role.PROVIDER)
         assert answer.status is RevokeStatus.RELEASED
+        assert answer.held_pages == 0
         assert liar.stats(system.domids["gpu"]).table_used == 0
 
 
@@ -427,6 +429,7 @@ async def test_without_the_kernel_report_the_word_is_taken(system):
         mapping = liar.map_grant(system.domids["gpu"], refs)
         answer = await system.broker.revoke_side("gpu", lease, Role.PROVIDER)
         assert answer.status is RevokeStatus.RELEASED
+        assert answer.held_pages is None      # cannot tell
         stats = liar.stats(system.domids["gpu"])
         assert (stats.deferred_grants, stats.deferred_pages) == (1, 3)
         mapping.close()

@@ -18,7 +18,7 @@ A consumer's word is not a release: when dom0 revokes, the provider ends
 only the grants the consumer no longer maps (``Grant.try_end``, where the
 kernel can say: IMP_TRY_RELEASE, kernel/0004). Pages still mapped stay
 granted, with their buffer, and the answer says how many
-(:func:`revoke_answer`); dom0 asks again later, and each time the provider
+(:func:`revoke_answer`, RevokeAnswer.held_pages); dom0 asks again later, and each time the provider
 ends what was let go. Where the kernel cannot say (no IMP_TRY_RELEASE,
 gntalloc pages) the grant is ended on the consumer's word, and whatever
 the consumer still maps is the kernel's deferred end, unseen.
@@ -94,18 +94,16 @@ def revoke_answer(held: int | None, consumer: str) -> RevokeAnswer:
     """The provider's answer to dom0's revoke, from the pages the consumer
     still maps (None: the kernel cannot tell).
 
-    Hook for the broker's held-pages accounting (issue 14): pages still
-    mapped are answered ``busy`` with the count in the reason, so dom0
-    keeps the lease revoking, its budget held, and asks again later; if
-    RevokeAnswer has a ``held_pages`` field, the count goes there too.
+    For the broker's held-pages accounting (issue 14): pages still mapped
+    are answered ``busy`` with the count (``held_pages``, and in the
+    reason), so dom0 keeps the lease revoking, its budget held, and asks
+    again later; ``held_pages`` None says the kernel cannot tell.
     """
-    fields = {f.name for f in dataclasses.fields(RevokeAnswer)}
-    extra = {"held_pages": held} if "held_pages" in fields else {}
     if held:
         return RevokeAnswer(RevokeStatus.BUSY,
                             f"{held} pages still mapped by {consumer}",
-                            **extra)
-    return RevokeAnswer(RevokeStatus.RELEASED, **extra)
+                            held_pages=held)
+    return RevokeAnswer(RevokeStatus.RELEASED, held_pages=held)
 
 
 class Provider:
