@@ -9,7 +9,7 @@ the database behind its back, so a revoke follows the same safe order.
 
 Requests: ``list`` (filters ``qube``, ``state``, ``all``), ``show`` (``id``,
 with history), ``revoke`` (``id`` or ``qube``), ``budgets``, ``settings``
-(``qube``).
+(``qube``), ``stats`` (what the daemon costs; ``reset``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ..qubes.facts import QubesFactsError
 from ..registry import UnknownLease
 from ..unixserver import UnixServer
 from .core import Broker
+from .lag import LagMonitor
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 4096
@@ -53,9 +54,10 @@ def lease_json(lease: Lease, waiting: str | None = None,
 class AdminApi:
     """The admin requests over a :class:`Broker`."""
 
-    def __init__(self, broker: Broker):
+    def __init__(self, broker: Broker, lag: LagMonitor | None = None):
         self.broker = broker
         self.registry = broker.registry
+        self._lag = lag
 
     async def handle(self, request: Any) -> dict[str, Any]:
         if not isinstance(request, dict) or \
@@ -146,6 +148,18 @@ class AdminApi:
                               "held_pages": held.get(("consumer", name),
                                                      0)})
         return {"providers": providers, "consumers": consumers}
+
+    async def op_stats(self, reset: bool = False):
+        """What the daemon costs: commits, qubesd calls, calls to qubes in
+        flight, the event loop's lag (with --lag-monitor); ``reset``
+        starts the lag's samples anew (benchmarks)."""
+        answer = {"commits": self.broker.commits.commits,
+                  "qubesd_calls": getattr(self.broker.facts, "calls", None),
+                  "agent_calls_pending": dict(self.broker.agents.pending),
+                  "loop_lag": self._lag.summary() if self._lag else None}
+        if reset and self._lag is not None:
+            self._lag.reset()
+        return answer
 
     async def op_settings(self, qube: str):
         features = await self._features(_qube(qube), must_exist=True)

@@ -42,6 +42,7 @@ from .admin import AdminApi, AdminServer
 from .agents import DOM0_AGENT_SOCKET, IN_ALL, Agents
 from .core import Broker
 from .follow import Follower, Stopped
+from .lag import LagMonitor
 from .services import BrokerServices
 
 log = logging.getLogger("qubes_gpu_share.broker")
@@ -62,9 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", default=DEFAULT_RUN_DIR, metavar="DIR",
                         help="where broker.sock, dom0-agent.sock and "
                              "admin.sock are created (default: %(default)s)")
-    parser.add_argument("--qubes", default="admin", metavar="admin|memory:FILE",
-                        help="facts about qubes: qubesadmin, or the "
-                             "in-memory model in FILE (simulation)")
+    parser.add_argument("--qubes", default="admin",
+                        metavar="admin|memory:FILE|qubesd:SOCKET",
+                        help="facts about qubes: qubesadmin, the "
+                             "in-memory model in FILE (simulation), or "
+                             "qubesadmin talking to a qubesd at SOCKET (the "
+                             "simulation's stand-in; benchmarks)")
     parser.add_argument("--sim-router", metavar="ROOT",
                         help="call qubes' services through the simulated "
                              "qrexec router of the simulated system ROOT")
@@ -91,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                         default=history.leases,
                         help="keep at most the N newest ended leases "
                              "(default: %(default)s)")
+    parser.add_argument("--lag-monitor", action="store_true",
+                        help="measure the event loop's lag (a 1 ms timer); "
+                             "qvm-gpu-share stats shows it")
     parser.add_argument("--debug", action="store_true",
                         help="log debug messages")
     return parser
@@ -101,6 +108,12 @@ def make_facts(options: argparse.Namespace) -> QubesFacts:
     if options.qubes == "admin":
         from ..qubes.admin import AdminQubes  # qubesadmin only in dom0
         return AdminQubes()
+    if options.qubes.startswith("qubesd:"):
+        from ..qubes.admin import AdminQubes
+        handler = None if options.sim_router is None else \
+            sim_router_handler(options.sim_router)
+        return AdminQubes.over_socket(options.qubes[len("qubesd:"):],
+                                      service_handler=handler)
     from ..qubes.memory import MemoryQubes
     path = memory_file(options)
     if options.sim_router is None:
@@ -111,11 +124,11 @@ def make_facts(options: argparse.Namespace) -> QubesFacts:
 
 def memory_file(options: argparse.Namespace) -> str | None:
     """FILE of ``--qubes memory:FILE``; None for qubesadmin."""
-    if options.qubes == "admin":
+    if options.qubes == "admin" or options.qubes.startswith("qubesd:"):
         return None
     if not options.qubes.startswith("memory:"):
-        raise ValueError(f"--qubes must be admin or memory:FILE, not "
-                         f"{options.qubes!r}")
+        raise ValueError(f"--qubes must be admin, memory:FILE or "
+                         f"qubesd:SOCKET, not {options.qubes!r}")
     return options.qubes[len("memory:"):]
 
 
@@ -172,6 +185,7 @@ class Daemon:
     services: list
     #: the in-memory model's file, followed for qube start and shutdown
     model_file: str | None = None
+    lag: LagMonitor | None = None
 
     async def close(self) -> None:
         for server in [*self.services, self.admin]:
@@ -191,21 +205,22 @@ def build(options: argparse.Namespace) -> Daemon:
     services = BrokerServices(broker)
     run_dir = pathlib.Path(options.run_dir)
     gid = _gid(QUBES_GROUP)
+    lag = LagMonitor() if options.lag_monitor else None
     max_calls, max_per_source = call_caps()
     log.info("serving at most %d calls at once, %d per qube", max_calls,
              max_per_source)
     caps = dict(max_calls=max_calls, max_per_source=max_per_source,
                 on_refused=services.refused_call)
     return Daemon(broker, Follower(broker),
-                  AdminServer(str(run_dir / "admin.sock"), AdminApi(broker),
-                              mode=0o660, group=gid), [
+                  AdminServer(str(run_dir / "admin.sock"),
+                              AdminApi(broker, lag), mode=0o660, group=gid), [
         SocketServiceServer(run_dir / "broker.sock", services.handlers(),
                             mode=0o660, group=gid, **caps),
         SocketServiceServer(run_dir / "dom0-agent.sock",
                             services.dom0_handlers(), mode=0o660,
                             group=_gid(options.dom0_agent_group,
                                        QUBES_GROUP), **caps)],
-        memory_file(options))
+        memory_file(options), lag)
 
 
 async def serve(options: argparse.Namespace) -> int:
@@ -254,6 +269,8 @@ async def run_broker(daemon: Daemon) -> None:
     """Events and expiry; with ``memory:FILE``, also the file's qube starts
     and shutdowns (the simulation's stand-in for qubesd's events)."""
     jobs = [daemon.follower.run()]
+    if daemon.lag is not None:
+        jobs.append(daemon.lag.run())
     if daemon.model_file is not None:
         jobs.append(daemon.broker.facts.follow_file(daemon.model_file))
     await asyncio.gather(*jobs)

@@ -41,6 +41,8 @@ commands:
                     of ended leases a consumer still maps, by its
                     provider's kernel (they stay charged)
   settings VM       the features of VM this service reads, with defaults
+  stats [--reset]   what the broker costs: commits, qubesd calls, calls to
+                    qubes pending, the event loop's lag (--lag-monitor)
 
 exit status:
   0 success; 1 the broker refused or could not be reached (reason on
@@ -104,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "consumers")
     p = sub.add_parser("settings", help="the features steering a qube")
     p.add_argument("vm", metavar="VM")
+    p = sub.add_parser("stats", help="what the broker costs: commits, "
+                                     "qubesd calls, event loop lag")
+    p.add_argument("--reset", action="store_true",
+                   help="start the lag's samples anew")
     return parser
 
 
@@ -122,6 +128,8 @@ def request_of(args: argparse.Namespace) -> dict[str, Any]:
                                    else {"qube": args.vm})}
     if args.command == "settings":
         return {"op": "settings", "qube": args.vm}
+    if args.command == "stats":
+        return {"op": "stats", "reset": args.reset}
     return {"op": "budgets"}
 
 
@@ -171,6 +179,16 @@ def render(command: str, answer: dict[str, Any]) -> str:
                             "QUOTA-PAGES", "OFFERED", "OFFERED-PAGES",
                             "STILL-MAPPED"])
         return providers + "\n\n" + consumers
+    if command == "stats":
+        lag = answer.get("loop_lag") or {}
+        return "\n".join([
+            f"commits: {answer['commits']}",
+            f"qubesd calls: {answer['qubesd_calls']}",
+            f"calls to qubes pending: {answer['agent_calls_pending'] or 0}",
+            "event loop lag: " + (
+                f"p50 {lag['p50_ms']} ms, p99 {lag['p99_ms']} ms, max "
+                f"{lag['max_ms']} ms ({lag['samples']} samples)" if lag
+                else "not measured (broker without --lag-monitor)")])
     return _table([[s["feature"], s["value"], s["default"]]
                    for s in answer["settings"]],
                   ["FEATURE", "VALUE", "DEFAULT"])

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import qubesadmin
+import qubesadmin.app
 import qubesadmin.config
 import qubesadmin.events
 import qubesadmin.exc
@@ -28,7 +29,7 @@ import qubesadmin.exc
 from ..qrexec import call
 from .facts import QubesFactsError, ServiceCallError
 from .info import ServiceResult
-from .qubesd import EventHandler, QubesdError, QubesdFacts
+from .qubesd import EventHandler, QubesdError, QubesdFacts, ServiceHandler
 
 DispatcherFactory = Callable[..., qubesadmin.events.EventsDispatcher]
 
@@ -39,11 +40,20 @@ class AdminQubes(QubesdFacts):
     def __init__(self, app: Any = None,
                  dispatcher_factory: DispatcherFactory =
                  qubesadmin.events.EventsDispatcher,
-                 qrexec_client: str = qubesadmin.config.QREXEC_CLIENT):
+                 qrexec_client: str = qubesadmin.config.QREXEC_CLIENT,
+                 service_handler: ServiceHandler | None = None):
         self.app = app if app is not None else qubesadmin.Qubes()
         self._dispatcher_factory = dispatcher_factory
         self._caller = call.QrexecClientCaller(qrexec_client)
-        super().__init__(self._qubesd_call, self._listen)
+        super().__init__(self._qubesd_call, self._listen,
+                         service_handler=service_handler)
+
+    @classmethod
+    def over_socket(cls, path: str, **kwargs: Any) -> AdminQubes:
+        """qubesadmin talking to a qubesd at ``path`` (the stand-in of the
+        simulation and the benchmark; dom0's is qubesadmin's default)."""
+        qubesadmin.config.QUBESD_SOCKET = path
+        return cls(qubesadmin.app.QubesLocal(), **kwargs)
 
     def _qubesd_call(self, dest: str, method: str, arg: str | None) -> bytes:
         try:
@@ -75,6 +85,9 @@ class AdminQubes(QubesdFacts):
 
     async def _call_service(self, qube: str, service: str, payload: bytes,
                             max_output: int) -> ServiceResult:
+        if self._service_handler is not None:  # the simulated router
+            return await super()._call_service(qube, service, payload,
+                                               max_output)
         try:
             status, output = await self._caller.call_service(
                 qube, service, payload, max_output)

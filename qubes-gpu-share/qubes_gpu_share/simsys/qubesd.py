@@ -258,3 +258,37 @@ async def served(model: MemoryQubes, path: str | os.PathLike, *,
         yield qubesd
     finally:
         await qubesd.close()
+
+
+def main(argv=None) -> int:
+    """``python -m qubes_gpu_share.simsys.qubesd SOCKET MODEL [--delay S]``:
+    serve the model file's qubes (following its starts and shutdowns, as
+    the broker's memory facts do) until SIGTERM."""
+    import argparse
+    import signal
+    parser = argparse.ArgumentParser(
+        prog="python -m qubes_gpu_share.simsys.qubesd",
+        description="A stand-in qubesd (Admin API wire format) over a "
+                    "simulated system's qubes.json, for tests and benchmarks.")
+    parser.add_argument("socket", help="where to listen")
+    parser.add_argument("model", help="the qubes.json of the simulation")
+    parser.add_argument("--delay", type=float, default=0.0,
+                        help="seconds each call takes (qubesd's cost)")
+    options = parser.parse_args(argv)
+
+    async def serve() -> None:
+        model = MemoryQubes.from_file(options.model)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        follower = loop.create_task(model.follow_file(options.model))
+        async with served(model, options.socket, delay=options.delay):
+            await stop.wait()
+        follower.cancel()
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
