@@ -20,6 +20,8 @@ fuzz-tools: $(STAMP)
 bench: bench-tools
 	mkdir -p bench/out
 	$(VPY) bench/bench_broker.py $(BENCH_FLAGS)
+	$(VPY) bench/bench_daemon.py $(BENCH_FLAGS)
+	$(VPY) bench/bench_registry.py $(BENCH_FLAGS)
 	$(VPY) bench/bench_memory.py $(BENCH_FLAGS)
 	$(VPY) bench/bench_setup.py $(BENCH_FLAGS)
 	$(VPY) bench/bench_copy.py $(BENCH_FLAGS)
