@@ -59,10 +59,14 @@ def quote(value: object) -> str:
     text = str(value)
     if _BARE.fullmatch(text):
         return text
+    text = text[:400]
+    if text.isascii() and text.isprintable() and '"' not in text \
+            and "\\" not in text:
+        return f'"{text}"'  # nothing to escape (the usual reason)
     escaped = "".join(
         "\\\\" if c == "\\" else '\\"' if c == '"'
         else c if " " <= c <= "~" else f"\\x{ord(c) & 0xff:02x}"
-        for c in text[:400])
+        for c in text)
     return f'"{escaped}"'
 
 
