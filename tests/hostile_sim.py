@@ -139,8 +139,9 @@ def in_flight(sim: SimSystem) -> list:
 def settle(sim: SimSystem, timeout: float = 60.0) -> None:
     """Wait until no lease is half way (the broker retries with backoff)."""
     sim.wait_until(lambda: not in_flight(sim), timeout,
-                   f"leases still in flight: {in_flight(sim)}",
-                   interval=0.1)
+                   lambda: "leases still in flight: " + ", ".join(
+                       f"{lease.id[:8]} {lease.consumer} {lease.state.value}"
+                       for lease in in_flight(sim)), interval=0.1)
 
 
 def final(lease) -> bool:

@@ -10,6 +10,8 @@ import pathlib
 import pytest
 
 from qubes_gpu_share import protocol
+from qubes_gpu_share.broker.admin import AdminApi, AdminError
+from qubes_gpu_share.broker.agents import Timeouts
 from qubes_gpu_share.broker.core import Refused
 from qubes_gpu_share.broker.follow import Follower
 from qubes_gpu_share.formats import BlobSpec, ImageSpec, ReceiveMode
@@ -394,3 +396,38 @@ def test_broker_never_imports_grant_or_alloc():
             for name in names:
                 assert not {"grant", "alloc"} & set(name.split(".")), \
                     f"{path.name} imports {name}"
+
+
+def test_an_admin_revoke_answers_while_an_agent_hangs(tmp_path):
+    """``qvm-gpu-share revoke`` waits for a hung agent no longer than its
+    wait: it answers with the lease as it is (revoking, asking whom) and
+    the broker goes on ending it (found by the hostile-consumer suite: the
+    admin's answer came after the agent's 30 s deadline)."""
+    broker, _model, _agents, _clock = make_broker(
+        tmp_path, timeouts=Timeouts(1, 1, 30))
+    answer = run(broker.lease("work", "sys-gpu", REQUEST))
+    scripted = broker.facts._service_handler
+
+    async def handler(target, service, payload):
+        if target == "work":
+            await asyncio.sleep(3600)  # never answers
+        return await scripted(target, service, payload)
+    broker.facts._service_handler = handler
+
+    async def main():
+        api = AdminApi(broker)
+        start = asyncio.get_running_loop().time()
+        reply_ = await api.handle({"op": "revoke", "qube": "work",
+                                   "wait": 0.2})
+        took = asyncio.get_running_loop().time() - start
+        with pytest.raises(AdminError, match="wait is 0 to 60"):
+            await api.handle({"op": "revoke", "qube": "work", "wait": 61})
+        broker.close()
+        return reply_, took
+
+    reply_, took = run(main())
+    (lease,) = reply_["leases"]
+    assert took < 1.0
+    assert lease["id"] == answer.lease and lease["state"] == "revoking"
+    assert lease["waiting"] == "asking consumer work to let go"
+    assert broker.registry.provider_pages("sys-gpu") == 3

@@ -388,6 +388,12 @@ class MuteAgent:
 
     def _run(self) -> None:
         self._loop.run_until_complete(self._serve())
+        # the calls still hanging end with the qube: closed, not leaked
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        self._loop.run_until_complete(
+            asyncio.gather(*pending, return_exceptions=True))
         self._loop.close()
 
     async def _serve(self) -> None:

@@ -8,7 +8,8 @@ may connect is a dom0 admin. The admin CLI talks to the broker, never to
 the database behind its back, so a revoke follows the same safe order.
 
 Requests: ``list`` (filters ``qube``, ``state``, ``all``), ``show`` (``id``,
-with history), ``revoke`` (``id`` or ``qube``), ``budgets``, ``settings``
+with history), ``revoke`` (``id`` or ``qube``; ``wait``: seconds, then the
+leases as they are), ``budgets``, ``settings``
 (``qube``), ``stats`` (what the daemon costs; ``reset``).
 """
 
@@ -30,6 +31,11 @@ from .lag import LagMonitor
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 4096
+#: How long a revoke waits for its leases to end before it answers with
+#: them as they are (an agent that does not answer delays the admin no
+#: longer; the ending goes on), by default and at most.
+REVOKE_WAIT = 5.0
+REVOKE_WAIT_MAX = 60.0
 
 
 class AdminError(Exception):
@@ -40,7 +46,8 @@ def lease_json(lease: Lease, waiting: str | None = None,
                held_pages: int = 0) -> dict[str, Any]:
     """A lease for the admin; ``waiting``: why it has not ended yet;
     ``held_pages``: pages its consumer still maps, by the provider."""
-    return {"id": lease.id, "waiting": waiting, "held_pages": held_pages, "consumer": lease.consumer,
+    return {"id": lease.id, "waiting": waiting, "held_pages": held_pages,
+            "consumer": lease.consumer,
             "provider": lease.provider, "state": lease.state.value,
             "pages": lease.pages, "mode": lease.mode.value,
             "initiator": lease.initiator.value, "fourcc": lease.meta.fourcc,
@@ -94,19 +101,26 @@ class AdminApi:
             for e in self.registry.history(lease.id)]}
 
     async def op_revoke(self, id: str | None = None,
-                        qube: str | None = None):
+                        qube: str | None = None,
+                        wait: float | int = REVOKE_WAIT):
         # pylint: disable=redefined-builtin
         if (id is None) == (qube is None):
             raise AdminError("revoke takes a lease id or a qube")
+        if not isinstance(wait, (int, float)) or isinstance(wait, bool) \
+                or not 0 <= wait <= REVOKE_WAIT_MAX:
+            raise AdminError(f"wait is 0 to {REVOKE_WAIT_MAX:g} seconds")
         if id is not None:
             lease = self._get(id)
             log.info("admin revokes lease %s (%s -> %s)", lease.id,
                      lease.provider, lease.consumer)
-            leases = [await self.broker.revoke(lease.id, "revoked by admin")]
+            ids = [lease.id]
         else:
             qube = _qube(qube)
             log.info("admin revokes every lease of %s", qube)
-            leases = await self.broker.revoke_qube(qube, "revoked by admin")
+            ids = [lease.id for lease in self.registry.live_of_qube(qube)]
+        leases = await self.broker.revoke_within(ids, "revoked by admin",
+                                                 wait)
+        await self.broker.commits.flush()
         return {"leases": [self._json(l) for l in leases]}
 
     async def op_budgets(self):
@@ -172,7 +186,9 @@ class AdminApi:
         return {"qube": qube, "settings": settings}
 
     def _json(self, lease: Lease) -> dict[str, Any]:
-        return lease_json(lease, self.broker.retries.waiting(lease.id),
+        waiting = self.broker.retries.waiting(lease.id) or \
+            self.broker.asking.get(lease.id)
+        return lease_json(lease, waiting,
                           self.broker.held.get(lease.id, 0))
 
     def _get(self, untrusted_id: Any) -> Lease:

@@ -111,6 +111,8 @@ class Broker:
         #: lease -> pages its consumer still maps, by the provider's kernel
         #: (the lease stays releasing/revoking, charged, until they are 0)
         self.held: dict[str, int] = {}
+        #: lease -> the call to a side under way to end it (for the admin)
+        self.asking: dict[str, str] = {}
         self._tasks: set[asyncio.Task] = set()
         self._ended = 0
         #: whether qubesd's events are heard and every live lease was
@@ -183,6 +185,19 @@ class Broker:
         """End every live lease ``qube`` takes part in (each in order)."""
         return await self._revoke_all(
             (lease.id for lease in self.registry.live_of_qube(qube)), reason)
+
+    async def revoke_within(self, lease_ids: Iterable[str], reason: str,
+                            seconds: float) -> list[Lease]:
+        """Start ending each lease and wait at most ``seconds`` for them;
+        return each as it is then. An agent that does not answer keeps
+        the caller (an admin) no longer than that: the ending goes on in
+        the background, and the lease shows why it waits."""
+        lease_ids = list(lease_ids)
+        tasks = [self.spawn(self.revoke(lease_id, reason))
+                 for lease_id in lease_ids]
+        if tasks:
+            await asyncio.wait(tasks, timeout=seconds)
+        return [self.get(lease_id) for lease_id in lease_ids]
 
     async def expire_due(self) -> list[Lease]:
         """Revoke the leases whose TTL ran out."""
@@ -499,7 +514,12 @@ class Broker:
                 why = f"{qube} is {info.power.value}: waiting for it to " \
                       f"run or halt"
             else:
-                answer = await self.agents.revoke(qube, lease.id, role)
+                self.asking[lease.id] = f"asking {role.value} {qube} " \
+                                        f"to let go"
+                try:
+                    answer = await self.agents.revoke(qube, lease.id, role)
+                finally:
+                    self.asking.pop(lease.id, None)
                 if role is Role.PROVIDER:
                     self._note_held(lease, answer)
                 if answer.status is RevokeStatus.RELEASED:
@@ -580,11 +600,12 @@ class Broker:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.commits.flush()
 
-    def spawn(self, coro) -> None:
+    def spawn(self, coro) -> asyncio.Task:
         """Run ``coro`` in the background; a failure is logged."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)

@@ -34,7 +34,9 @@ commands:
                     end a lease, or every lease of a qube, in the safe
                     order (the consumer lets go first); a lease whose
                     consumer does not confirm stays 'revoking' and keeps
-                    its pages until it does
+                    its pages until it does. Answers after --wait seconds
+                    (default 5) at most, with each lease as it is then
+                    and why it waits; the broker goes on ending it
   budgets           pages used and left per provider, leases and pages
                     per consumer against its quota (its own requests;
                     leases offered to it count apart); STILL-MAPPED: pages
@@ -102,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("id", metavar="ID", nargs="?")
     group.add_argument("--vm", metavar="VM")
+    p.add_argument("--wait", type=float, default=5.0, metavar="SECONDS",
+                   help="wait at most this long (0-60, default 5) for the "
+                        "leases to end, then show them as they are; the "
+                        "ending goes on in the broker")
     sub.add_parser("budgets", help="budgets of providers, quotas of "
                                    "consumers")
     p = sub.add_parser("settings", help="the features steering a qube")
@@ -124,8 +130,8 @@ def request_of(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "show":
         return {"op": "show", "id": args.id}
     if args.command == "revoke":
-        return {"op": "revoke", **({"id": args.id} if args.id
-                                   else {"qube": args.vm})}
+        return {"op": "revoke", "wait": args.wait,
+                **({"id": args.id} if args.id else {"qube": args.vm})}
     if args.command == "settings":
         return {"op": "settings", "qube": args.vm}
     if args.command == "stats":

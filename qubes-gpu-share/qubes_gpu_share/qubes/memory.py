@@ -182,12 +182,14 @@ class MemoryQubes(QubesFacts):
                           interval: float = 0.05) -> None:
         """Apply qube starts and shutdowns written to the model file at
         *path* (see :meth:`apply_file`), until cancelled. Polls the file's
-        mtime: the simulation replaces it atomically, and inotify would be
-        one more dependency for a test seam."""
+        inode and mtime: the simulation replaces it atomically, so each
+        write is a new inode (two writes within one clock tick share an
+        mtime), and inotify would be one more dependency for a test seam."""
         seen = None
         while True:
             try:
-                stamp = os.stat(path).st_mtime_ns
+                status = os.stat(path)
+                stamp = (status.st_ino, status.st_mtime_ns)
                 if stamp != seen:
                     seen = stamp
                     self.apply_file(path)

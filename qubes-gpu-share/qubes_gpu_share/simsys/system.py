@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from ..formats import PAGE_SIZE
 from ..grant.open import parse_traits
@@ -265,11 +265,14 @@ class SimSystem:
                          for process in self.processes.values())
 
     @staticmethod
-    def wait_until(condition, timeout: float, what: str,
+    def wait_until(condition, timeout: float, what: str | Callable[[], str],
                    interval: float = 0.02) -> None:
-        """Poll *condition* until true; raise TimeoutError(*what*) if not."""
+        """Poll *condition* until true; raise TimeoutError(*what*) if not
+        (*what* may be a function: then it says what was left, at the
+        time out)."""
         deadline = time.monotonic() + timeout
         while not condition():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{what} within {timeout:g} s")
+                said = what() if callable(what) else what
+                raise TimeoutError(f"{said} within {timeout:g} s")
             time.sleep(interval)
