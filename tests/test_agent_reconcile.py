@@ -83,11 +83,17 @@ def _read_all(sock: socket.socket) -> bytes:
     return data
 
 
-def kill_broker_and_drop(sim) -> Callable[[bytes], None]:
-    """The broker dies after it committed and sent the answer; the answer
-    never reaches the agent."""
+def kill_broker_and_drop(sim, *, committed: bool = True
+                         ) -> Callable[[bytes], None]:
+    """The broker dies after it sent the answer (and, with *committed*,
+    after ``active`` reached the disk: it rides on the next commit, within
+    the writer's linger); the answer never reaches the agent."""
     def on_answer(answer: bytes) -> None:
         assert answer.startswith(b"0\0"), answer
+        if committed:
+            sim.wait_until(lambda: [lease.state for lease in leases_between(
+                sim, "work", "gpu-a")] == [State.ACTIVE], 5,
+                "the answered lease was not committed active")
         sim.kill("broker")
     return on_answer
 
@@ -107,16 +113,18 @@ def leases_between(sim, consumer_name: str, provider_name: str) -> list:
                                                     provider_name)]
 
 
-def lose_one_lease(sim, work: client.Client) -> str:
+def lose_one_lease(sim, work: client.Client, *,
+                   committed: bool = True) -> str:
     """work leases from gpu-a; the broker dies with the answer. Returns
     the lease id only the registry knows."""
-    interceptor = Interceptor(sim, "gpu-a", kill_broker_and_drop(sim))
+    interceptor = Interceptor(sim, "gpu-a",
+                              kill_broker_and_drop(sim, committed=committed))
     with pytest.raises(client.ClientError) as refused:
         work.lease("gpu-a", **SMALL, ttl=TTL)
     assert refused.value.code == "qrexec"
     interceptor.join()
     (lost,) = leases_between(sim, "work", "gpu-a")
-    assert lost.state is State.ACTIVE
+    assert lost.state is (State.ACTIVE if committed else State.EXPORTING)
     return lost.id
 
 
@@ -156,6 +164,20 @@ def test_lost_answer_released_soon_offer_untaken_survives(tmp_path):
             assert taken.lease == offered
         offerer.release(offered)
         wait_final(sim, offered, PROMPT)
+        assert_budgets_consistent(sim, PROVIDERS, {"gpu-a": 0, "gpu-b": 0})
+
+
+def test_an_answer_sent_before_active_was_durable_ends_at_restart(tmp_path):
+    """The answer leaves before ``active`` is on disk (it rides on the next
+    commit); the broker dies in between: the restarted broker finds the
+    lease in flight and ends it in the safe order (the consumer is asked
+    first though no refs are on record: it may have got them)."""
+    with system(tmp_path, QUBES) as sim, app(sim, "work") as work:
+        lost = lose_one_lease(sim, work, committed=False)
+        restart_broker(sim)
+        wait_final(sim, lost, PROMPT)
+        # on record its export never completed: it ends failed
+        assert state_of(sim, lost).state is State.FAILED
         assert_budgets_consistent(sim, PROVIDERS, {"gpu-a": 0, "gpu-b": 0})
 
 
