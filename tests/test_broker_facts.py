@@ -18,7 +18,7 @@ from qubes_gpu_share.broker.follow import Follower, Stopped
 from qubes_gpu_share.formats import BlobSpec, ReceiveMode
 from qubes_gpu_share.lease import State
 from qubes_gpu_share.protocol import LeaseRequest
-from qubes_gpu_share.qubes.info import PowerState
+from qubes_gpu_share.qubeinfo import PowerState
 
 from test_broker_support import make_broker
 

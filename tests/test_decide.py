@@ -6,9 +6,11 @@ import sys
 
 import pytest
 
-from qubes_gpu_share.decide import (Grant, Kind, Mode, Reason, Refusal,
-                                    Request, Usage, decide)
-from qubes_gpu_share.qubes.info import POWER_RULES, PowerState, QubeInfo
+from qubes_gpu_share.decide import (Grant, Reason, Refusal, Request, Usage,
+                                    decide)
+from qubes_gpu_share.formats import ReceiveMode
+from qubes_gpu_share.lease import Initiator
+from qubes_gpu_share.qubeinfo import POWER_RULES, PowerState, QubeInfo
 
 RUNNING, HALTED = PowerState.RUNNING, PowerState.HALTED
 
@@ -23,8 +25,8 @@ OPT_IN = {"gpu-share-dom0": "1"}
 
 
 def lease(**kw):
-    base = dict(caller="work", kind=Kind.LEASE, consumer="work",
-                provider="sys-gpu", pages=100, mode=Mode.CPU)
+    base = dict(caller="work", kind=Initiator.LEASE, consumer="work",
+                provider="sys-gpu", pages=100, mode=ReceiveMode.CPU)
     base.update(kw)
     return Request(**base)
 
@@ -47,14 +49,14 @@ def feat(info, **features):
 
 
 def test_grant_with_defaults():
-    assert run() == Grant(ttl=600, pages=100, mode=Mode.CPU,
+    assert run() == Grant(ttl=600, pages=100, mode=ReceiveMode.CPU,
                           consumer_xid=7, provider_xid=3)
 
 
 def test_offer_comes_from_provider():
-    offer = lease(caller="sys-gpu", kind=Kind.OFFER)
+    offer = lease(caller="sys-gpu", kind=Initiator.OFFER)
     assert isinstance(run(offer), Grant)
-    assert reason(run(lease(caller="work", kind=Kind.OFFER))) \
+    assert reason(run(lease(caller="work", kind=Initiator.OFFER))) \
         is Reason.WRONG_CALLER
 
 
@@ -97,7 +99,7 @@ def test_dom0_provider_needs_opt_in():
 def test_dom0_consumer_only_cpu_even_if_reported_otherwise():
     # dom0 is PV whatever a virt_mode value says (the AdminVM has none)
     odd_dom0 = dataclasses.replace(DOM0, virt_mode="pvh")
-    req = lease(caller="dom0", consumer="dom0", mode=Mode.DMABUF)
+    req = lease(caller="dom0", consumer="dom0", mode=ReceiveMode.DMABUF)
     assert reason(run(req, consumer=odd_dom0, dom0=OPT_IN)) \
         is Reason.MODE_UNSUPPORTED
 
@@ -120,15 +122,15 @@ def test_provider_needs_provider_service():
 
 def test_dmabuf_refused_for_pv_consumer():
     pv = dataclasses.replace(CONSUMER, virt_mode="pv")
-    assert reason(run(lease(mode=Mode.DMABUF), consumer=pv)) \
+    assert reason(run(lease(mode=ReceiveMode.DMABUF), consumer=pv)) \
         is Reason.MODE_UNSUPPORTED
-    assert isinstance(run(lease(mode=Mode.CPU), consumer=pv), Grant)
+    assert isinstance(run(lease(mode=ReceiveMode.CPU), consumer=pv), Grant)
 
 
 @pytest.mark.parametrize("virt_mode", ["pvh", "hvm"])
 def test_dmabuf_allowed_for_pvh_hvm(virt_mode):
     info = dataclasses.replace(CONSUMER, virt_mode=virt_mode)
-    assert run(lease(mode=Mode.DMABUF), consumer=info).mode is Mode.DMABUF
+    assert run(lease(mode=ReceiveMode.DMABUF), consumer=info).mode is ReceiveMode.DMABUF
 
 
 def test_modifier_linear_unless_allowed():
@@ -166,7 +168,7 @@ def test_pair_share():
     refused = run(usage=Usage(pair_pages=8_093))
     assert reason(refused) is Reason.PAIR_SHARE
     assert "share of 8192" in refused.message
-    offer = lease(caller="sys-gpu", kind=Kind.OFFER)
+    offer = lease(caller="sys-gpu", kind=Initiator.OFFER)
     assert reason(run(offer, usage=Usage(pair_pages=8_093))) \
         is Reason.PAIR_SHARE
     more = feat(PROVIDER, **{"gpu_share_pair_pages.work": "9000"})
@@ -177,7 +179,7 @@ def test_pair_share():
 def test_offers_count_against_their_own_quota():
     """Offers fill the consumer's offer quota, never the quota of its own
     requests, and the other way round."""
-    offer = lease(caller="sys-gpu", kind=Kind.OFFER)
+    offer = lease(caller="sys-gpu", kind=Initiator.OFFER)
     full_offers = Usage(offered_leases=16, offered_pages=1_000)
     assert isinstance(run(usage=full_offers), Grant)  # its own requests
     assert reason(run(offer, usage=full_offers)) is Reason.QUOTA_LEASES

@@ -194,7 +194,7 @@ def test_check_dmabuf_reads_the_pages_behind_an_imported_dmabuf(tmp_path):
 
 
 def test_follow_model_turns_file_changes_into_qube_events(tmp_path):
-    from qubes_gpu_share.qubes.info import EventKind
+    from qubes_gpu_share.qubeinfo import EventKind
     system = SimSystem(tmp_path, QUBES, POLICY)
     model = MemoryQubes.from_file(str(system.layout.qubes_file))
 

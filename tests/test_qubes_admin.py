@@ -22,7 +22,7 @@ from qubes_gpu_share.formats import BlobSpec, ReceiveMode
 from qubes_gpu_share.lease import State
 from qubes_gpu_share.protocol import LeaseRequest
 from qubes_gpu_share.qubes.facts import QubesFactsError, ServiceCallError
-from qubes_gpu_share.qubes.info import EventKind, PowerState, ServiceResult
+from qubes_gpu_share.qubeinfo import EventKind, PowerState, ServiceResult
 from qubes_gpu_share.qubes.memory import MemoryQubes
 from qubes_gpu_share.simsys.qubesd import served
 

@@ -7,7 +7,7 @@ import pytest
 
 from qubes_gpu_share.qubes.facts import QubesFacts, ServiceCallError
 from qubes_gpu_share.qubes.facts import QubesFactsError
-from qubes_gpu_share.qubes.info import (EventKind, PowerState, QubeEvent,
+from qubes_gpu_share.qubeinfo import (EventKind, PowerState, QubeEvent,
                                         ServiceResult)
 from qubes_gpu_share.qubes.memory import MemoryQubes
 

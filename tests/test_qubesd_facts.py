@@ -15,7 +15,7 @@ from qubes_gpu_share.broker.follow import Follower
 from qubes_gpu_share.formats import BlobSpec, ReceiveMode
 from qubes_gpu_share.protocol import LeaseRequest
 from qubes_gpu_share.qubes import qubesd
-from qubes_gpu_share.qubes.info import EventKind, PowerState
+from qubes_gpu_share.qubeinfo import EventKind, PowerState
 from qubes_gpu_share.qubes.memory import MemoryQubes
 from qubes_gpu_share.qubes.qubesd import (BadAnswer, QubesdFacts,
                                           parse_list_entry, parse_names,

@@ -15,22 +15,9 @@ import enum
 from collections.abc import Mapping
 
 from . import limits
-from .formats import MOD_LINEAR
-from .qubes.info import PowerState, QubeInfo
-
-
-class Kind(str, enum.Enum):
-    """Who starts the lease: the consumer pulls, the provider offers."""
-
-    LEASE = "lease"
-    OFFER = "offer"
-
-
-class Mode(str, enum.Enum):
-    """How the consumer receives the pages."""
-
-    CPU = "cpu"        # gntdev MAP_GRANT_REF + mmap: works in every qube
-    DMABUF = "dmabuf"  # EXP_FROM_REFS: not in PV (see DESIGN.md)
+from .formats import MOD_LINEAR, ReceiveMode
+from .lease import Initiator
+from .qubeinfo import PowerState, QubeInfo
 
 
 class Reason(str, enum.Enum):
@@ -63,11 +50,11 @@ class Request:
     """
 
     caller: str
-    kind: Kind
+    kind: Initiator
     consumer: str
     provider: str
     pages: int
-    mode: Mode
+    mode: ReceiveMode
     ttl: int | None = None
     modifier: int = MOD_LINEAR
 
@@ -100,7 +87,7 @@ class Grant:
 
     ttl: int
     pages: int
-    mode: Mode
+    mode: ReceiveMode
     consumer_xid: int
     provider_xid: int
 
@@ -140,10 +127,10 @@ def decide(request: Request, consumer: QubeInfo | None,
 
 def _check_parties(request: Request, consumer: QubeInfo | None,
                    provider: QubeInfo | None) -> None:
-    caller_side = (request.consumer if request.kind is Kind.LEASE
+    caller_side = (request.consumer if request.kind is Initiator.LEASE
                    else request.provider)
     if request.caller != caller_side:
-        role = "consumer" if request.kind is Kind.LEASE else "provider"
+        role = "consumer" if request.kind is Initiator.LEASE else "provider"
         raise _Refused(Reason.WRONG_CALLER,
                        f"a {request.kind.value} must come from its {role} "
                        f"{caller_side}, not {request.caller}")
@@ -183,7 +170,7 @@ def _check_services(consumer: QubeInfo, provider: QubeInfo) -> None:
 
 def _check_mode(request: Request, consumer: QubeInfo,
                 settings: limits.GlobalSettings) -> None:
-    if request.mode is Mode.DMABUF and consumer.is_pv:
+    if request.mode is ReceiveMode.DMABUF and consumer.is_pv:
         raise _Refused(Reason.MODE_UNSUPPORTED,
                        f"{consumer.name} is PV: it cannot receive a dma-buf "
                        f"from grants, ask for cpu mode")
@@ -223,7 +210,7 @@ def _admit(request: Request, consumer: QubeInfo, provider: QubeInfo,
 def _check_quota(request: Request, consumer: str,
                  clim: limits.ConsumerLimits, usage: Usage) -> None:
     """The consumer's quota for its own requests, or for offers to it."""
-    if request.kind is Kind.LEASE:
+    if request.kind is Initiator.LEASE:
         what, leases, pages = ("leases", usage.consumer_leases,
                                usage.consumer_pages)
         quota_leases, quota_pages = clim.quota_leases, clim.quota_pages

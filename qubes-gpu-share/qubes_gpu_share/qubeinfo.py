@@ -1,7 +1,8 @@
 """What the broker knows about one qube, and what happens to qubes (pure).
 
-Plain data, separate from the seam (:mod:`.facts`) so that the decision
-core can take a :class:`QubeInfo` without importing anything that does I/O.
+Plain data beside the pure core (decide.py reads it), filled by the
+Qubes-facts seam (:mod:`.qubes.facts`): the core takes a :class:`QubeInfo`
+without importing the seam's folder or anything that does I/O.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import enum
 import types
 from collections.abc import Mapping
 
-from ..limits import enabled_services
-from ..names import DOM0
+from .limits import enabled_services
+from .names import DOM0
 
 #: Qubes' class of dom0; it has no virt_mode property and is PV.
 ADMIN_VM = "AdminVM"

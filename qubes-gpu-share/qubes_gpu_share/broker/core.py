@@ -36,7 +36,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from .. import decide, formats, limits, protocol
-from ..decide import Kind
 from ..formats import BufferMeta, ReceiveMode
 from ..lease import FINAL, Initiator, Lease, State, new_lease
 from ..names import DOM0, InvalidName, new_lease_id, parse_lease_id, \
@@ -44,7 +43,7 @@ from ..names import DOM0, InvalidName, new_lease_id, parse_lease_id, \
 from ..protocol import (ExportRequest, GrantRefs, LeaseAnswer, LeaseEntry,
                         LeaseList, Role, RevokeStatus)
 from ..qubes.facts import QubesFacts, QubesFactsError
-from ..qubes.info import Domain, QubeInfo
+from ..qubeinfo import Domain, QubeInfo
 from ..groupcommit import GroupCommit
 from ..lease import advance
 from ..registry import Create, Registry, Transition, UnknownLease
@@ -128,7 +127,7 @@ class Broker:
         """Pull: ``caller`` asks ``provider`` for a new buffer."""
         provider = _qube_argument(untrusted_provider)
         return await self._cycle(
-            caller, Kind.LEASE, caller, provider, _layout(request.spec),
+            caller, Initiator.LEASE, caller, provider, _layout(request.spec),
             request.mode, request.ttl,
             lambda req: self.agents.export(provider, req))
 
@@ -138,7 +137,7 @@ class Broker:
         """Offer: ``caller`` grants a buffer it has (through ``export``, the
         offer connection) and the broker delivers the lease to ``consumer``."""
         consumer = _qube_argument(untrusted_consumer)
-        return await self._cycle(caller, Kind.OFFER, consumer, caller,
+        return await self._cycle(caller, Initiator.OFFER, consumer, caller,
                                  _layout(request.spec), OFFER_MODE,
                                  request.ttl, export)
 
@@ -161,7 +160,10 @@ class Broker:
             return await self._finish(lease)
 
     def leases_of(self, caller: str) -> LeaseList:
-        """The caller's live leases, as it may see them."""
+        """The caller's live leases, as it may see them (changes waiting
+        for their commit included: a lease it just released is gone)."""
+        leases = [self.commits.pending(lease.id) or lease
+                  for lease in self.registry.live_of_qube(caller)]
         entries = [
             LeaseEntry(lease.id,
                        Role.CONSUMER if lease.consumer == caller
@@ -170,7 +172,7 @@ class Broker:
                        else lease.consumer,
                        lease.state.value, lease.pages, lease.mode,
                        int(lease.deadline))
-            for lease in self.registry.live_of_qube(caller)]
+            for lease in leases if lease.live]
         return LeaseList(tuple(entries[:protocol.MAX_LIST_LEASES]))
 
     # -- ending leases (admin, events, expiry) -------------------------------
@@ -256,7 +258,7 @@ class Broker:
 
     # -- the grant cycle -------------------------------------------------------
 
-    async def _cycle(self, caller: str, kind: Kind, consumer: str,
+    async def _cycle(self, caller: str, kind: Initiator, consumer: str,
                      provider: str, meta: BufferMeta, mode: ReceiveMode,
                      ttl: int, export: Exporter) -> LeaseAnswer:
         lease = await self._admit(caller, kind, consumer, provider, meta,
@@ -272,12 +274,12 @@ class Broker:
             lease = self._move_later(lease, State.ACTIVE,
                                      f"granted by {provider}", refs=refs)
             answer = _lease_answer(lease, refs)
-            if kind is Kind.OFFER:
+            if kind is Initiator.OFFER:
                 await self._deliver(lease, answer)
         _audit("active", lease, lease.reason)
         return answer
 
-    async def _admit(self, caller: str, kind: Kind, consumer: str,
+    async def _admit(self, caller: str, kind: Initiator, consumer: str,
                      provider: str, meta: BufferMeta, mode: ReceiveMode,
                      ttl: int) -> Lease:
         """decide.py's verdict; if granted, requested+exporting in one
@@ -302,7 +304,7 @@ class Broker:
                 lease_id=new_lease_id(), consumer=consumer, provider=provider,
                 consumer_domid=verdict.consumer_xid,
                 provider_domid=verdict.provider_xid, mode=mode,
-                initiator=Initiator(kind.value), meta=meta, ttl=verdict.ttl,
+                initiator=kind, meta=meta, ttl=verdict.ttl,
                 now=self.clock(), reason=f"{kind.value} by {caller}",
                 consumer_start=infos[0].start, provider_start=infos[1].start)
             # counted by admission until the registry counts it, so that
@@ -409,7 +411,7 @@ class Broker:
             self._admitted[key] += sign * (1 if key[0].endswith("leases")
                                            else lease.pages)
 
-    def _judge(self, caller: str, kind: Kind, consumer: str, provider: str,
+    def _judge(self, caller: str, kind: Initiator, consumer: str, provider: str,
                meta: BufferMeta, mode: ReceiveMode, ttl: int, infos: tuple,
                *, about: dict) -> decide.Grant:
         """decide.py's verdict over ``infos`` and the usage now; a refusal
@@ -418,7 +420,7 @@ class Broker:
         usage = self._usage(consumer, provider)
         request = decide.Request(
             caller=caller, kind=kind, consumer=consumer, provider=provider,
-            pages=meta.pages, mode=decide.Mode(mode.value), ttl=ttl,
+            pages=meta.pages, mode=mode, ttl=ttl,
             modifier=meta.modifier)
         verdict = decide.decide(request, consumer_info, provider_info, usage,
                                 dom0.features if dom0 else {})

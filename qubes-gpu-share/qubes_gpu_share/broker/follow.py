@@ -21,7 +21,7 @@ import contextlib
 import logging
 
 from ..qubes.facts import EventStream, QubesFactsError
-from ..qubes.info import EventKind, QubeEvent
+from ..qubeinfo import EventKind, QubeEvent
 from .core import Broker
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import qubesadmin.exc
 
 from ..qrexec import call
 from .facts import QubesFactsError, ServiceCallError
-from .info import ServiceResult
+from ..qubeinfo import ServiceResult
 from .qubesd import EventHandler, QubesdError, QubesdFacts, ServiceHandler
 
 DispatcherFactory = Callable[..., qubesadmin.events.EventsDispatcher]

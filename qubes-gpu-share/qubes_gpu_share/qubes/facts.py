@@ -27,7 +27,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 
 from ..names import parse_qube_name
-from .info import Domain, EventKind, QubeEvent, QubeInfo, ServiceResult
+from ..qubeinfo import Domain, EventKind, QubeEvent, QubeInfo, ServiceResult
 
 #: qrexec's characters for a service name with its argument.
 _SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9+._-]{0,63}")

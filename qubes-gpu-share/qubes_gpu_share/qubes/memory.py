@@ -41,7 +41,7 @@ from ..limits import SERVICE_FEATURE_PREFIX
 from ..names import DOM0, parse_qube_name
 from .facts import (QubesFacts, QubesFactsError, QueuedEventStream,
                     ServiceCallError)
-from .info import (ADMIN_VM, EventKind, PowerState, QubeEvent, QubeInfo,
+from ..qubeinfo import (ADMIN_VM, EventKind, PowerState, QubeEvent, QubeInfo,
                    ServiceResult)
 
 #: (qube, "SERVICE+ARG", payload) -> (exit status, output)

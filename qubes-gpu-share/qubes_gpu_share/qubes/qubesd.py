@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from ..names import DOM0, InvalidName, parse_qube_name
 from .facts import (QubesFacts, QubesFactsError, QueuedEventStream,
                     ServiceCallError)
-from .info import (ADMIN_VM, VIRT_MODES, Domain, EventKind, PowerState,
+from ..qubeinfo import (ADMIN_VM, VIRT_MODES, Domain, EventKind, PowerState,
                    QubeEvent, QubeInfo, ServiceResult)
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from ..grant.open import KNOWN_WORDS
 from ..limits import SERVICE_CONSUMER, SERVICE_PROVIDER
 from ..names import DOM0, DOMID_FIRST_RESERVED, parse_qube_name
 from ..qrexec.router import Router
-from ..qubes.info import VIRT_MODES
+from ..qubeinfo import VIRT_MODES
 
 #: Services the broker serves in dom0 (the repo's qubes-rpc/dom0/).
 DOM0_SERVICES = ("qubes.GpuLease", "qubes.GpuOffer", "qubes.GpuRelease",

@@ -32,7 +32,7 @@ import os
 import time
 from collections.abc import Mapping
 
-from ..qubes.info import EventKind, QubeEvent, QubeInfo
+from ..qubeinfo import EventKind, QubeEvent, QubeInfo
 from ..qubes.memory import MemoryQubes
 from ..qubes.qubesd import EventHandler, QubesdError
 from ..unixserver import UnixServer
