@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from qubes_gpu_share.broker.core import Refused
+from qubes_gpu_share.broker.refusal import Refused
 from qubes_gpu_share.broker.follow import Follower, Stopped
 from qubes_gpu_share.formats import BlobSpec, ReceiveMode
 from qubes_gpu_share.lease import State

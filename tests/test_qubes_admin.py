@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from qubes_gpu_share.broker.core import Refused
+from qubes_gpu_share.broker.refusal import Refused
 from qubes_gpu_share.broker.follow import Follower
 from qubes_gpu_share.formats import BlobSpec, ReceiveMode
 from qubes_gpu_share.lease import State
@@ -235,7 +235,8 @@ def test_the_broker_over_qubesadmin_reconciles_after_lost_events(local_app):
             facts._service_handler = agents
             facts._call_service = lambda q, s, p, m: _scripted(agents, q, s,
                                                                p)
-            broker.facts = broker.agents._facts = facts
+            broker.facts = broker.admission.facts = facts
+            broker.agents._facts = facts
             follower = Follower(broker)
             runner = asyncio.create_task(follower.run())
             await asyncio.wait_for(follower.ready.wait(), 5)

@@ -217,7 +217,7 @@ def test_qubesd_calls_per_decision_in_steady_state(tmp_path):
     standin = StandInQubesd(model)
     facts = QubesdFacts(standin.call, standin.listen,
                         service_handler=model._service_handler)
-    broker.facts = facts
+    broker.facts = broker.admission.facts = facts
     broker.agents._facts = facts
     request = LeaseRequest(BlobSpec(4096), ReceiveMode.CPU, 60)
 

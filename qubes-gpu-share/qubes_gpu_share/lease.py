@@ -41,6 +41,7 @@ from collections.abc import Sequence
 
 from .formats import BufferMeta, ReceiveMode, validate_meta
 from .names import MAX_DOMID, parse_lease_id, parse_qube_name
+from .qubeinfo import Domain
 
 MAX_REF = 0xFFFFFFFF
 
@@ -153,6 +154,14 @@ class Lease:
     def live(self) -> bool:
         """Whether the lease still holds budget."""
         return self.state in LIVE
+
+    def sides(self) -> tuple[tuple[str, Domain], tuple[str, Domain]]:
+        """(consumer, its domain), (provider, its domain) as the grant
+        names them."""
+        return ((self.consumer, Domain(self.consumer_domid,
+                                       self.consumer_start)),
+                (self.provider, Domain(self.provider_domid,
+                                       self.provider_start)))
 
     @property
     def pages(self) -> int:

@@ -9,7 +9,7 @@ service descriptor qrexec would write, one protocol message, EOF.
 The agent's answer is untrusted (a qube wrote it). It is read with the
 bound of the message expected, must carry the reply status of
 qrexec/reply.py, and is decoded strictly. Anything else, a timeout, or a
-qube that is not there becomes :class:`AgentError`, with ``answered`` set
+qube that is not there becomes :class:`AgentCallError`, with ``answered`` set
 only when the agent clearly said no (so it holds nothing for this call).
 """
 
@@ -40,7 +40,7 @@ PER_QUBE = 4
 IN_ALL = 64
 
 
-class AgentError(Exception):
+class AgentCallError(Exception):
     """A call to an agent did not give the answer needed; one line.
 
     ``answered``: the agent answered with a refusal (an Error message or a
@@ -69,22 +69,22 @@ def parse_answer(untrusted_output: bytes, *expected: type,
                  max_len: int) -> protocol.Message:
     """The agent's answer: a reply status, then one of ``expected``.
 
-    An Error message (or a refusal status) raises AgentError(answered=True).
+    An Error message (or a refusal status) raises AgentCallError(answered=True).
     """
     if len(untrusted_output) > max_len + len(reply.OK_PREFIX):
-        raise AgentError("bad-answer", "answer over its size limit")
+        raise AgentCallError("bad-answer", "answer over its size limit")
     try:
         untrusted_payload = reply.parse_reply(untrusted_output)
     except reply.ServiceRefused as refused:
-        raise AgentError("refused", str(refused), answered=True) from None
+        raise AgentCallError("refused", str(refused), answered=True) from None
     except reply.BadReply as exc:
-        raise AgentError("bad-answer", str(exc)) from None
+        raise AgentCallError("bad-answer", str(exc)) from None
     try:
         message = protocol.decode(untrusted_payload, *expected, Error)
     except protocol.ProtocolError as exc:
-        raise AgentError("bad-answer", str(exc)) from None
+        raise AgentCallError("bad-answer", str(exc)) from None
     if isinstance(message, Error):
-        raise AgentError(message.code, message.message, answered=True)
+        raise AgentCallError(message.code, message.message, answered=True)
     return message
 
 
@@ -114,7 +114,7 @@ class Agents:
         try:
             return answer.check_pages(pages).refs
         except protocol.ProtocolError as exc:
-            raise AgentError("bad-answer", str(exc)) from None
+            raise AgentCallError("bad-answer", str(exc)) from None
 
     async def deliver(self, consumer: str, answer: LeaseAnswer) -> None:
         """Hand an offered lease to ``consumer``'s agent."""
@@ -139,11 +139,11 @@ class Agents:
                 self._in_slot(qube, service, payload, max_output), timeout)
             call.raise_for_status(status, qube, service)
         except asyncio.TimeoutError:
-            raise AgentError("timeout", f"{service} in {qube} did not "
+            raise AgentCallError("timeout", f"{service} in {qube} did not "
                              f"answer in {timeout:g} s") from None
         except (QubesFactsError, call.QrexecCallError, OSError,
                 stream.StreamError) as exc:
-            raise AgentError("unreachable", f"{service} in {qube}: "
+            raise AgentCallError("unreachable", f"{service} in {qube}: "
                              f"{protocol.one_line(exc)}") from None
         finally:
             self.pending[qube] -= 1

@@ -36,6 +36,8 @@ import socket
 import time
 from collections.abc import Callable
 
+from ..lease import Lease
+
 log = logging.getLogger("qubes_gpu_share.audit")
 
 IDENTIFIER = "qubes-gpu-share-audit"
@@ -150,6 +152,17 @@ def decision(event: str, *, reason: str, consumer: str = "-",
     log.info("%s lease=%s consumer=%s provider=%s pages=%d reason=%s",
              event, quote(lease_id), quote(consumer), quote(provider), pages,
              quote(reason), extra={"fields": fields})
+
+
+def lease_fields(lease: Lease) -> dict:
+    """:func:`decision`'s keywords for ``lease``."""
+    return dict(lease_id=lease.id, consumer=lease.consumer,
+                provider=lease.provider, pages=lease.pages)
+
+
+def lease_event(event: str, lease: Lease, reason: str) -> None:
+    """Log one decision about ``lease``."""
+    decision(event, reason=reason, **lease_fields(lease))
 
 
 class JournalHandler(logging.Handler):

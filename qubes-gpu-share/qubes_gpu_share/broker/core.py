@@ -1,10 +1,12 @@
-"""The broker: every lease flow over the registry, decide.py and Qubes facts.
+"""The broker: every lease flow, from admission to the end, over the registry.
 
-No I/O of its own besides the registry and the agents (:mod:`.agents`):
-the socket services (:mod:`.services`) and the admin socket (:mod:`.admin`)
-decode what arrives and call in here; :mod:`.follow` feeds it qubesd's
-events and runs the expiry timer. The broker never touches buffer memory;
-it relays integers and metadata.
+Whether a lease may be granted is :mod:`.admission`'s (over decide.py and
+the Qubes facts); this module runs the grant cycle around it and ends
+leases in the safe order. No I/O of its own besides the registry and the
+agents (:mod:`.agents`): the socket services (:mod:`.services`) and the
+admin socket (:mod:`.admin`) decode what arrives and call in here;
+:mod:`.follow` feeds it qubesd's events and runs the expiry timer. The
+broker never touches buffer memory; it relays integers and metadata.
 
 Durable points (docs/registry.md argues each): a pull or offer records
 ``requested+exporting`` durably before the provider is asked; ``active``
@@ -29,32 +31,30 @@ with its budget held; it is retried with backoff (:mod:`.retries`).
 from __future__ import annotations
 
 import asyncio
-import collections
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
-from .. import decide, formats, limits, protocol
+from .. import formats, limits, protocol
 from ..formats import BufferMeta, ReceiveMode
-from ..lease import FINAL, Initiator, Lease, State, new_lease
-from ..names import DOM0, InvalidName, new_lease_id, parse_lease_id, \
-    parse_qube_name
+from ..groupcommit import GroupCommit
+from ..lease import FINAL, Initiator, Lease, State, advance
+from ..names import InvalidName, parse_lease_id, parse_qube_name
 from ..protocol import (ExportRequest, GrantRefs, LeaseAnswer, LeaseEntry,
                         LeaseList, Role, RevokeStatus)
-from ..qubes.facts import QubesFacts, QubesFactsError
 from ..qubeinfo import Domain, QubeInfo
-from ..groupcommit import GroupCommit
-from ..lease import advance
-from ..registry import Create, Registry, Transition, UnknownLease
+from ..qubes.facts import QubesFacts, QubesFactsError
+from ..registry import Registry, Transition, UnknownLease
 from . import audit
-from .agents import AgentError, Agents
+from .admission import Admission
+from .agents import AgentCallError, Agents
+from .refusal import Refused
 from .retries import Retries
 
 log = logging.getLogger(__name__)
 
 #: The grant step of a lease: the provider's agent (pull) or the offering
-#: connection (offer) turns an ExportRequest into refs, or AgentError.
+#: connection (offer) turns an ExportRequest into refs, or AgentCallError.
 Exporter = Callable[[ExportRequest], Awaitable[GrantRefs]]
 
 #: Reason of the revoking transition for a TTL expiry; the final state of a
@@ -64,22 +64,6 @@ TTL_REASON = "ttl expired"
 OFFER_MODE = ReceiveMode.CPU
 #: Ended leases are pruned from the registry after this many more ended.
 PRUNE_EVERY = 100
-
-
-class Refused(Exception):
-    """A request the broker says no to: a stable code and one line.
-
-    ``about`` is what the audit line of the refusal names, as far as the
-    broker got (audit.decision's keywords: consumer, provider, pages,
-    lease_id); services.py logs it, where every refusal is answered.
-    """
-
-    def __init__(self, code: str, message: str, *, lease: Lease | None = None,
-                 **about):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = protocol.one_line(message)
-        self.about = _audit_fields(lease) if lease is not None else about
 
 
 class Broker:
@@ -95,9 +79,6 @@ class Broker:
         self.commits = GroupCommit(registry)
         self.history = history
         self.clock = clock
-        self._admission = asyncio.Lock()
-        #: admitted, not yet committed: (what, qube) -> leases or pages
-        self._admitted: collections.Counter = collections.Counter()
         self._locks: dict[str, asyncio.Lock] = {}
         self._finals: dict[str, State] = {}
         #: (lease, role) whose domain is known gone: its domain id was seen
@@ -105,8 +86,6 @@ class Broker:
         self._gone: set[tuple[str, Role]] = set()
         self.retries = Retries(self._retry, base=retry_base,
                                maximum=retry_max)
-        #: domains (name, xid, start) found with no stale lease on their id
-        self._clean: set[tuple[str, int, str]] = set()
         #: lease -> pages its consumer still maps, by the provider's kernel
         #: (the lease stays releasing/revoking, charged, until they are 0)
         self.held: dict[str, int] = {}
@@ -119,6 +98,11 @@ class Broker:
         self.trusted = lambda: False
         #: wakes the expiry timer when a new deadline may be nearer
         self.deadline_changed = asyncio.Event()
+        self.admission = Admission(
+            registry, facts, self.commits, clock=clock,
+            trusted=lambda: self.trusted(),
+            on_stale=lambda info, stale: self.spawn(
+                self._supersede(info, stale)))
 
     # -- requests from qubes -------------------------------------------------
 
@@ -225,7 +209,7 @@ class Broker:
         QubesFactsError when qubesd cannot answer (nothing is ended on a
         guess); returns how many leases it started to end."""
         await self.commits.flush()  # leases whose `active` waits included
-        self._clean.clear()  # whatever was missed: found again
+        self.admission.forget()  # whatever was missed: found again
         infos: dict[str, QubeInfo | None] = {}
         ending = []
         for lease in self.registry.leases(state=State.ACTIVE):
@@ -233,7 +217,7 @@ class Broker:
                 if name not in infos:
                     infos[name] = await self.facts.describe(name)
             if not all(_keeps(infos[qube], domain)
-                       for qube, domain in _sides(lease)):
+                       for qube, domain in lease.sides()):
                 ending.append(lease.id)
         for lease_id in ending:
             self.spawn(self.revoke(lease_id, why))
@@ -247,13 +231,12 @@ class Broker:
         info = await self.facts.describe(qube)
         if info is None or info.domain is None:
             return
-        self._clean = {clean for clean in self._clean
-                       if clean[1] != info.xid}
-        stale = self._stale_on(info)
+        self.admission.forget(info.xid)
+        stale = self.admission.stale_on(info)
         stale += [lease for lease in self.registry.live_of_qube(qube)
                   if lease not in stale
                   and any(name == qube and info.gone_from(domain)
-                          for name, domain in _sides(lease))]
+                          for name, domain in lease.sides())]
         await self._supersede(info, stale)
 
     # -- the grant cycle -------------------------------------------------------
@@ -261,12 +244,13 @@ class Broker:
     async def _cycle(self, caller: str, kind: Initiator, consumer: str,
                      provider: str, meta: BufferMeta, mode: ReceiveMode,
                      ttl: int, export: Exporter) -> LeaseAnswer:
-        lease = await self._admit(caller, kind, consumer, provider, meta,
-                                  mode, ttl)
+        lease = await self.admission.admit(caller, kind, consumer, provider,
+                                           meta, mode, ttl)
+        self.deadline_changed.set()
         async with self._lock(lease.id):
             try:
                 refs = await export(_export_request(lease))
-            except AgentError as err:
+            except AgentCallError as err:
                 await self._export_failed(lease, err)
                 raise Refused("export-failed",
                               f"{provider} did not grant: {err}",
@@ -276,128 +260,14 @@ class Broker:
             answer = _lease_answer(lease, refs)
             if kind is Initiator.OFFER:
                 await self._deliver(lease, answer)
-        _audit("active", lease, lease.reason)
+        audit.lease_event("active", lease, lease.reason)
         return answer
-
-    async def _admit(self, caller: str, kind: Initiator, consumer: str,
-                     provider: str, meta: BufferMeta, mode: ReceiveMode,
-                     ttl: int) -> Lease:
-        """decide.py's verdict; if granted, requested+exporting in one
-        commit.
-
-        Facts come first, off the loop: snapshots (kept current by
-        qubesd's events), a first verdict on them (a refusal costs qubesd
-        nothing more), then each side's domain read fresh (one call each).
-        The final verdict and the record are serialised, so that two
-        requests never both fit into the last free pages of one budget."""
-        about = dict(consumer=consumer, provider=provider, pages=meta.pages)
-        judge = functools.partial(self._judge, caller, kind, consumer,
-                                  provider, meta, mode, ttl, about=about)
-        infos = await self._facts_for(consumer, provider, about)
-        judge(infos)
-        await self._same_domains(infos[:2], about)
-        async with self._admission:
-            self._check_trusted(about)
-            verdict = judge(infos)
-            self._check_domains(infos[:2], about)
-            lease = new_lease(
-                lease_id=new_lease_id(), consumer=consumer, provider=provider,
-                consumer_domid=verdict.consumer_xid,
-                provider_domid=verdict.provider_xid, mode=mode,
-                initiator=kind, meta=meta, ttl=verdict.ttl,
-                now=self.clock(), reason=f"{kind.value} by {caller}",
-                consumer_start=infos[0].start, provider_start=infos[1].start)
-            # counted by admission until the registry counts it, so that
-            # the commit (an fsync) need not hold the admission lock
-            self._unsettled(lease, 1)
-        lease = (await self.commits.apply([
-            Create(lease),
-            Transition(lease.id, State.EXPORTING,
-                       f"export asked of {provider}")],
-            settled=functools.partial(self._unsettled, lease, -1)))[-1]
-        self.deadline_changed.set()
-        _audit("granted", lease, f"{kind.value} by {caller}")
-        return lease
-
-    async def _facts_for(self, consumer: str, provider: str,
-                         about: dict) -> tuple:
-        """(consumer, provider, dom0) as the facts seam knows them."""
-        self._check_trusted(about)
-        try:
-            return tuple(await asyncio.gather(
-                *(self.facts.describe(name)
-                  for name in (consumer, provider, DOM0))))
-        except QubesFactsError as exc:
-            raise Refused(decide.Reason.QUBES_UNAVAILABLE.value, str(exc),
-                          **about) from None
-
-    async def _same_domains(self, infos: Iterable[QubeInfo],
-                            about: dict) -> None:
-        """Each side's domain read fresh from qubesd must be the one the
-        snapshot names: the grant goes to that domain id."""
-        infos = list(infos)
-        try:
-            now = await asyncio.gather(
-                *(self.facts.current_domain(info.name) for info in infos))
-        except QubesFactsError as exc:
-            raise Refused(decide.Reason.QUBES_UNAVAILABLE.value, str(exc),
-                          **about) from None
-        for info, domain in zip(infos, now):
-            if domain is None or not domain.same_run(info.domain):
-                raise Refused(decide.Reason.QUBES_UNAVAILABLE.value,
-                              f"{info.name} changed while the broker "
-                              f"decided (domain {info.xid} -> "
-                              f"{domain.xid if domain else 'none'}); try "
-                              f"again", **about)
-
-    def _check_trusted(self, about: dict) -> None:
-        if not self.trusted():
-            raise Refused(decide.Reason.QUBES_UNAVAILABLE.value,
-                          "qubes events unavailable: the broker grants "
-                          "nothing until it hears qubesd again", **about)
-
-    def _check_domains(self, infos: Iterable[QubeInfo], about: dict) -> None:
-        """A domain id that still has live leases of an earlier domain gets
-        nothing new until those ended (they are being ended now)."""
-        for info in infos:
-            stale = self._stale_on(info)
-            if stale:
-                self.spawn(self._supersede(info, stale))
-                raise Refused(
-                    "domain-reused",
-                    f"domain id {info.xid} of {info.name} still has "
-                    f"{len(stale)} lease(s) of an earlier domain, being "
-                    f"revoked; try again", **about)
-
-    def _stale_on(self, info: QubeInfo) -> list[Lease]:
-        """Live leases bound to ``info``'s domain id under another name or
-        an earlier run.
-
-        Once a domain was found clean it stays clean until another domain
-        gets its id, which is a domain start (the follower calls
-        :meth:`domain_started`) or something missed while events were down
-        (:meth:`recheck`): both forget what was found, so admission does
-        not read every live lease of a busy provider each time."""
-        current = info.domain
-        if current is None:
-            return []
-        identity = (info.name, current.xid, current.start)
-        if identity in self._clean:
-            return []
-        stale = [lease for lease in self.registry.live_on_domid(current.xid)
-                 if any(domain.xid == current.xid
-                        and not (name == info.name
-                                 and domain.same_run(current))
-                        for name, domain in _sides(lease))]
-        if not stale:
-            self._clean.add(identity)
-        return stale
 
     async def _supersede(self, owner: QubeInfo, stale: list[Lease]) -> None:
         """End leases whose side's domain id ``owner`` now holds."""
         for lease in stale:
             for role, (name, domain) in zip((Role.CONSUMER, Role.PROVIDER),
-                                            _sides(lease)):
+                                            lease.sides()):
                 if domain.xid == owner.xid and not (
                         name == owner.name and domain.same_run(owner.domain)):
                     self._gone.add((lease.id, role))
@@ -405,59 +275,20 @@ class Broker:
             [lease.id for lease in stale],
             f"domain id {owner.xid} now belongs to {owner.name}")
 
-    def _unsettled(self, lease: Lease, sign: int) -> None:
-        """Count (1) or stop counting (-1) an admitted lease's charge."""
-        for key in _charges(lease):
-            self._admitted[key] += sign * (1 if key[0].endswith("leases")
-                                           else lease.pages)
-
-    def _judge(self, caller: str, kind: Initiator, consumer: str, provider: str,
-               meta: BufferMeta, mode: ReceiveMode, ttl: int, infos: tuple,
-               *, about: dict) -> decide.Grant:
-        """decide.py's verdict over ``infos`` and the usage now; a refusal
-        is raised."""
-        consumer_info, provider_info, dom0 = infos
-        usage = self._usage(consumer, provider)
-        request = decide.Request(
-            caller=caller, kind=kind, consumer=consumer, provider=provider,
-            pages=meta.pages, mode=mode, ttl=ttl,
-            modifier=meta.modifier)
-        verdict = decide.decide(request, consumer_info, provider_info, usage,
-                                dom0.features if dom0 else {})
-        if isinstance(verdict, decide.Refusal):
-            raise Refused(verdict.reason.value, verdict.message, **about)
-        return verdict
-
-    def _usage(self, consumer: str, provider: str) -> decide.Usage:
-        """What the registry holds, plus what admission let through and
-        the registry does not count yet."""
-        leases, pages = self.registry.consumer_usage(consumer)
-        offered, offered_pages, pair = self.registry.consumer_share(
-            consumer, provider)
-        held = self._admitted
-        return decide.Usage(
-            consumer_leases=leases - offered + held["leases", consumer],
-            consumer_pages=pages - offered_pages + held["pages", consumer],
-            provider_pages=self.registry.provider_pages(provider)
-            + held["provider pages", provider],
-            offered_leases=offered + held["offered leases", consumer],
-            offered_pages=offered_pages + held["offered pages", consumer],
-            pair_pages=pair + held["pair pages", consumer, provider])
-
-    async def _export_failed(self, lease: Lease, err: AgentError) -> None:
+    async def _export_failed(self, lease: Lease, err: AgentCallError) -> None:
         """A provider that said no granted nothing: failed at once. Any
         other failure (timeout, bad answer) may have left grants: revoke."""
         reason = f"export failed: {err}"
         if err.answered:
             lease = await self._move(lease, State.FAILED, reason)
-            _audit("failed", lease, reason)
+            audit.lease_event("failed", lease, reason)
         else:  # the consumer was not answered: only the provider is told
             await self._revoke_later(lease, reason, ask_consumer=False)
 
     async def _deliver(self, lease: Lease, answer: LeaseAnswer) -> None:
         try:
             await self.agents.deliver(lease.consumer, answer)
-        except AgentError as err:
+        except AgentCallError as err:
             reason = f"delivery to {lease.consumer} failed: {err}"
             # a consumer that refused holds nothing; after a timeout it might
             self._finals[lease.id] = State.FAILED
@@ -502,7 +333,7 @@ class Broker:
     async def _side_done(self, lease: Lease, role: Role) -> bool:
         """Whether one side's part has ended: it confirmed, or its domain
         is definitely gone. Anything else schedules a retry: False."""
-        qube, domain = _sides(lease)[role is Role.PROVIDER]
+        qube, domain = lease.sides()[role is Role.PROVIDER]
         if (lease.id, role) in self._gone:
             return True
         try:
@@ -527,11 +358,11 @@ class Broker:
                 if answer.status is RevokeStatus.RELEASED:
                     return True
                 why = f"busy: {answer.reason}"
-        except (AgentError, QubesFactsError) as exc:
+        except (AgentCallError, QubesFactsError) as exc:
             why = str(exc)
         why = f"{role.value} {qube} did not confirm: {why}"
         delay = self.retries.later(lease.id, why)
-        _audit("busy", lease, f"{why}; again in {delay:g} s")
+        audit.lease_event("busy", lease, f"{why}; again in {delay:g} s")
         return False
 
     def _note_held(self, lease: Lease, answer) -> None:
@@ -544,7 +375,7 @@ class Broker:
         self.held.pop(lease.id, None)
         if answer.held_pages is None and \
                 answer.status is RevokeStatus.RELEASED:
-            _audit("unverified", lease, f"{lease.provider}'s kernel cannot "
+            audit.lease_event("unverified", lease, f"{lease.provider}'s kernel cannot "
                    f"tell whether {lease.consumer} still maps the pages "
                    f"(no IMP_TRY_RELEASE): taken as released")
 
@@ -556,7 +387,7 @@ class Broker:
         self._locks.pop(lease.id, None)
         self._gone.discard((lease.id, Role.CONSUMER))
         self._gone.discard((lease.id, Role.PROVIDER))
-        _audit(state.value, lease, lease.reason)
+        audit.lease_event(state.value, lease, lease.reason)
         self._ended += 1
         if self._ended >= PRUNE_EVERY:
             self._ended = 0
@@ -664,23 +495,6 @@ class Broker:
         return lease
 
 
-def _sides(lease: Lease) -> tuple[tuple[str, Domain], tuple[str, Domain]]:
-    """(consumer, its domain), (provider, its domain) as the grant names
-    them."""
-    return ((lease.consumer, Domain(lease.consumer_domid,
-                                    lease.consumer_start)),
-            (lease.provider, Domain(lease.provider_domid,
-                                    lease.provider_start)))
-
-
-def _charges(lease: Lease) -> list[tuple]:
-    """The admission counters a lease counts in (core.Broker._usage)."""
-    own = "offered " if lease.initiator is Initiator.OFFER else ""
-    return [(own + "leases", lease.consumer), (own + "pages", lease.consumer),
-            ("provider pages", lease.provider),
-            ("pair pages", lease.consumer, lease.provider)]
-
-
 def _keeps(info: QubeInfo | None, domain: Domain) -> bool:
     """Whether a side's state lets its lease stay (POWER_RULES): it still
     runs as the granted domain in a state that keeps leases, or qubesd
@@ -730,12 +544,3 @@ def _export_request(lease: Lease) -> ExportRequest:
 def _lease_answer(lease: Lease, refs: GrantRefs) -> LeaseAnswer:
     return LeaseAnswer(lease.id, lease.provider, lease.provider_domid,
                        lease.mode, lease.meta, int(lease.deadline), refs)
-
-
-def _audit_fields(lease: Lease) -> dict:
-    return dict(lease_id=lease.id, consumer=lease.consumer,
-                provider=lease.provider, pages=lease.pages)
-
-
-def _audit(event: str, lease: Lease, reason: str) -> None:
-    audit.decision(event, reason=reason, **_audit_fields(lease))

@@ -34,8 +34,9 @@ from ..qrexec.descriptor import ServiceDescriptor
 from ..qrexec.service import Handler
 from ..qubes.facts import QubesFactsError
 from . import audit
-from .agents import AgentError
-from .core import Broker, Refused
+from .agents import AgentCallError
+from .core import Broker
+from .refusal import Refused
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class BrokerServices:
              about: dict | None = None) -> tuple[str, str]:
         """The audit line of a refusal (every one passes here), naming
         the call and its caller; the parties the request named unless the
-        broker knows better (``about``, from :class:`.core.Refused`)."""
+        broker knows better (``about``, from :class:`.refusal.Refused`)."""
         message = protocol.one_line(message)
         audit.decision("refused", **{**_named_parties(descriptor),
                                      **(about or {})},
@@ -226,16 +227,16 @@ class _OfferTurns:
                     ExportAnswer, refs=request.meta.pages))
             answer = protocol.decode(untrusted_answer, ExportAnswer, Error)
         except (asyncio.TimeoutError, stream.InputTimeout):
-            raise AgentError("timeout", "the offering qube did not grant in "
+            raise AgentCallError("timeout", "the offering qube did not grant in "
                              f"{OFFER_EXPORT_TIMEOUT:g} s") from None
         except (protocol.ProtocolError, ConnectionError) as exc:
-            raise AgentError("bad-answer", protocol.one_line(exc)) from None
+            raise AgentCallError("bad-answer", protocol.one_line(exc)) from None
         if isinstance(answer, Error):
-            raise AgentError(answer.code, answer.message, answered=True)
+            raise AgentCallError(answer.code, answer.message, answered=True)
         try:
             return answer.check_pages(request.meta.pages).refs
         except protocol.ProtocolError as exc:
-            raise AgentError("bad-answer", str(exc)) from None
+            raise AgentCallError("bad-answer", str(exc)) from None
 
     def refuse(self, code_message: tuple[str, str]) -> None:
         code, message = code_message
