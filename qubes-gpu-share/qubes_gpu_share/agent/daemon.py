@@ -2,9 +2,8 @@
 
 dom0's calls (services.py) and applications' requests (appserver.py) end
 here; the provider and consumer halves (provider.py, consumer.py) hold the
-buffers. The roles follow the qube's Qubes services: ``gpu-share`` (consumer)
-and ``gpu-share-provider`` (provider), read at each request so that the
-admin's ``qvm-service`` toggles apply without a restart.
+buffers. Which roles are on, the qube's Qubes services say (roles.py), at
+each request.
 """
 
 from __future__ import annotations
@@ -13,9 +12,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import pathlib
-import shutil
-import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
@@ -30,6 +26,7 @@ from .appproto import LeaseInfo, LeaseReq, OfferReq
 from .broker_link import BrokerLink, BrokerRefused
 from .consumer import Consumer, Received
 from .provider import Provided, Provider
+from .roles import SERVICE_FOR_ROLE, Roles
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +49,6 @@ CALLS_WAIT = 60.0
 
 T = TypeVar("T")
 
-SERVICE_FOR_ROLE = {Role.CONSUMER: "gpu-share",
-                    Role.PROVIDER: "gpu-share-provider"}
-
 
 class AgentError(Exception):
     """A request the agent refuses; ``code`` as in protocol Error codes."""
@@ -62,44 +56,6 @@ class AgentError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
-
-
-class Roles:
-    """Which roles the qube's services enable: QubesDB's live value when
-    ``qubesdb`` is set and answers, else the boot-time file."""
-
-    def __init__(self, services_dir: str | os.PathLike,
-                 qubesdb: str | None = None):
-        self._dir = pathlib.Path(services_dir)
-        self._qubesdb = qubesdb
-
-    @classmethod
-    def with_qubesdb(cls, services_dir: str | os.PathLike) -> Roles:
-        return cls(services_dir, shutil.which("qubesdb-read"))
-
-    @classmethod
-    def decided_by_broker(cls) -> Roles:
-        """Every role: for dom0's agent, whose roles the broker checks."""
-        return _AllRoles()
-
-    def enabled(self, role: Role) -> bool:
-        service = SERVICE_FOR_ROLE[role]
-        if self._qubesdb:
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                result = subprocess.run(
-                    [self._qubesdb, f"/qubes-service/{service}"],
-                    capture_output=True, timeout=5, check=False)
-                if result.returncode == 0:
-                    return result.stdout.strip() == b"1"
-        return (self._dir / service).exists()
-
-
-class _AllRoles(Roles):
-    def __init__(self):
-        super().__init__(os.devnull)
-
-    def enabled(self, role: Role) -> bool:
-        return True
 
 
 def _reason(exc: BaseException) -> str:

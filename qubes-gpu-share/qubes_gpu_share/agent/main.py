@@ -35,7 +35,8 @@ from ..grant.open import open_grant_device
 from ..qrexec.call import ClientVmCaller
 from .appserver import AppServer, PeerPolicy
 from .broker_link import BrokerLink, LocalSocketCaller, sim_caller
-from .daemon import Agent, Roles
+from .daemon import Agent
+from .roles import Roles
 from .services import make_server
 
 log = logging.getLogger("qubes_gpu_share.agent")
