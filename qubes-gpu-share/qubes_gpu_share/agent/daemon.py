@@ -27,14 +27,10 @@ from .calls import LeaseCalls
 from .consumer import Consumer, Received
 from .provider import Provided, Provider
 from .reconcile import Reconciler
+from .releases import Releases
 from .roles import SERVICE_FOR_ROLE, Roles
 
 log = logging.getLogger(__name__)
-
-#: Seconds before the first retry of a release dom0 did not receive, and
-#: the longest wait between retries.
-RELEASE_RETRY = 0.2
-RELEASE_RETRY_MAX = 10.0
 
 T = TypeVar("T")
 
@@ -73,11 +69,10 @@ class Agent:
         self._allocator = allocator
         #: set by the app server: notify(connection, lease)
         self.notify_app = lambda connection, lease: None
-        #: releases that did not reach dom0, retried in the background
-        self._retrying: dict[str, asyncio.Task] = {}
+        self._releases = Releases(link)
         self._calls = LeaseCalls()
         self.reconciler = Reconciler(link, self._calls, self._knows,
-                                     self._release_at_broker)
+                                     self._releases.tell)
 
     def _notify_revoke(self, connection: object, lease: str) -> None:
         self.notify_app(connection, lease)
@@ -146,7 +141,7 @@ class Agent:
 
     def _knows(self, lease: str) -> bool:
         """Held, delivered and waiting to be taken, or being released."""
-        return self.consumer.get(lease) is not None or lease in self._retrying
+        return self.consumer.get(lease) is not None or lease in self._releases
 
     async def offer(self, request: OfferReq, fd: int, owner: object) -> str:
         """Offer the application's buffer (``fd``, owned by this call)."""
@@ -246,39 +241,7 @@ class Agent:
                                  "open")
         elif provided is not None:
             _check_holder(lease, provided.owner, holder)
-        await self._release_at_broker(lease)
-
-    async def _release_at_broker(self, lease: str) -> None:
-        """Tell dom0. A call that did not get through (dom0's broker is
-        restarting) would leave the lease active until its TTL, with our
-        side let go already and the application unable to ask again: the
-        agent retries it in the background until dom0 answers."""
-        try:
-            await self.link.release(lease)
-        except BrokerRefused as exc:
-            if exc.code != "qrexec":
-                raise
-            log.warning("lease %s: release did not reach dom0 (%s): "
-                        "retrying", lease, exc)
-            if lease not in self._retrying:
-                self._retrying[lease] = asyncio.get_running_loop(
-                    ).create_task(self._retry_release(lease))
-
-    async def _retry_release(self, lease: str) -> None:
-        delay = RELEASE_RETRY
-        try:
-            while True:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RELEASE_RETRY_MAX)
-                try:
-                    await self.link.release(lease)
-                    return
-                except BrokerRefused as exc:
-                    if exc.code != "qrexec":
-                        log.warning("lease %s: release: %s", lease, exc)
-                        return
-        finally:
-            self._retrying.pop(lease, None)
+        await self._releases.tell(lease)
 
     async def connection_closed(self, holder: object) -> None:
         """Every lease an application held or offered ends with it."""
