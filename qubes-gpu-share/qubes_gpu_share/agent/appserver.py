@@ -38,7 +38,7 @@ from ..protocol import Role
 from . import appproto
 from .appproto import AppProtocolError
 from .broker_link import BrokerRefused
-from .daemon import Agent, AgentError
+from .daemon import Agent, RequestRefused
 from ..alloc import AllocationError
 from ..grant.errors import GrantError
 
@@ -254,7 +254,7 @@ class AppServer:
             reply, out_fd = await self._dispatch(connection, request, fd)
         except AppProtocolError as exc:
             reply, out_fd = appproto.error_reply("malformed", str(exc)), None
-        except AgentError as exc:
+        except RequestRefused as exc:
             reply, out_fd = appproto.error_reply(exc.code, str(exc)), None
         except BrokerRefused as exc:
             reply, out_fd = appproto.error_reply(exc.code, str(exc)), None

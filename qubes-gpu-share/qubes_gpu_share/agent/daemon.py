@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class AgentError(Exception):
-    """A request the agent refuses; ``code`` as in protocol Error codes."""
+class RequestRefused(Exception):
+    """An application's request the agent refuses (appserver.py answers it
+    with an error); ``code`` as in protocol Error codes."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -52,8 +53,8 @@ def _reason(exc: BaseException) -> str:
 
 def _check_holder(lease: str, holder: object | None, caller: object) -> None:
     if holder is not None and holder is not caller:
-        raise AgentError("not-yours", f"lease {lease} is held by another "
-                         f"application")
+        raise RequestRefused("not-yours", f"lease {lease} is held by "
+                             f"another application")
 
 
 class Agent:
@@ -79,8 +80,8 @@ class Agent:
 
     def _require(self, role: Role) -> None:
         if not self.roles.enabled(role):
-            raise AgentError("role-disabled", f"this qube's "
-                             f"{SERVICE_FOR_ROLE[role]} service is off")
+            raise RequestRefused("role-disabled", f"this qube's "
+                                 f"{SERVICE_FOR_ROLE[role]} service is off")
 
     # -- what dom0 asks (services.py) -------------------------------------
 
@@ -123,7 +124,8 @@ class Agent:
                             answer.provider, _reason(exc))
                 with contextlib.suppress(BrokerRefused):
                     await self.link.release(answer.lease)
-                raise AgentError("receive-failed", _reason(exc)) from None
+                raise RequestRefused("receive-failed",
+                                     _reason(exc)) from None
         return received.hand_out()
 
     async def _reconciling_on_loss(self, call: Awaitable[T]) -> T:
@@ -154,8 +156,8 @@ class Agent:
             raise
         if allocation.pages != layout_for(request.spec).pages:
             allocation.close()
-            raise AgentError("size", "the buffer's size does not match its "
-                             "description")
+            raise RequestRefused("size", "the buffer's size does not match "
+                                 "its description")
         exported = []
 
         def export(export_request: ExportRequest) -> ExportAnswer | Error:
@@ -181,7 +183,7 @@ class Agent:
         revokes it; it refuses one it never recorded)."""
         try:
             await self.release(lease, owner)
-        except (AgentError, BrokerRefused) as exc:
+        except (RequestRefused, BrokerRefused) as exc:
             log.warning("lease %s: withdrawing the failed offer: %s",
                         lease, exc)
 
@@ -205,8 +207,8 @@ class Agent:
             try:
                 item = await asyncio.wait_for(queue.get(), timeout or None)
             except asyncio.TimeoutError:
-                raise AgentError("timeout", f"nothing arrived in "
-                                 f"{timeout}s") from None
+                raise RequestRefused("timeout", f"nothing arrived in "
+                                     f"{timeout}s") from None
             if isinstance(item, Received):
                 if self.consumer.get(item.lease) is item:
                     item.holder = holder
@@ -237,8 +239,8 @@ class Agent:
         if received is not None:
             _check_holder(lease, received.holder, holder)
             if not await self.consumer.let_go(lease):
-                raise AgentError("busy", "a copy of the dma-buf is still "
-                                 "open")
+                raise RequestRefused("busy", "a copy of the dma-buf is "
+                                     "still open")
         elif provided is not None:
             _check_holder(lease, provided.owner, holder)
         await self._releases.tell(lease)
@@ -249,7 +251,7 @@ class Agent:
                       + self.provider.owned_by(holder)):
             try:
                 await self.release(lease, holder)
-            except (AgentError, BrokerRefused) as exc:
+            except (RequestRefused, BrokerRefused) as exc:
                 log.warning("lease %s: release after the application went "
                             "away: %s", lease, exc)
 
