@@ -36,8 +36,8 @@ from .. import native
 from ..formats import PAGE_SIZE
 from . import this_domain
 from .device import (
-    AllocatedGrant, CpuView, Grant, GrantDevice, ImportedDmabuf, Mapping,
-    check_page_count)
+    AllocatedGrant, CpuView, ForeignMapping, Grant, GrantDevice,
+    ImportedDmabuf, check_page_count)
 from .errors import (AlreadyReleased, DmabufNotSupported, GrantError,
                      MapRefused, NoGrantDevice)
 from .expected import NO_DMABUF_IOCTLS, RECEIVED_DMABUF, Refusal
@@ -130,7 +130,7 @@ class GntallocGrant(AllocatedGrant):
             self._fd = _close(self._fd)
 
 
-class GntdevMapping(Mapping):
+class GntdevMapping(ForeignMapping):
     """Foreign refs reserved for mmap on a private gntdev fd.
 
     The refs were checked with GRANT_COPY before MAP_GRANT_REF (which asks
