@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from .. import native
 from ..formats import PAGE_SIZE
 from . import this_domain
+from .domid import own_domid
 from .device import (
     AllocatedGrant, CpuView, ForeignMapping, Grant, GrantDevice,
     ImportedDmabuf, check_page_count)
@@ -263,7 +264,7 @@ def kernel_grants_own_frames() -> bool | None:
     if not allocator.availability().ok:
         return None
     try:
-        domid = native.own_domid()
+        domid = own_domid()
         allocation = allocator.allocate(PAGE_SIZE)
     except (GrantError, OSError, ValueError):
         return None
