@@ -281,6 +281,14 @@ def kernel_grants_own_frames() -> bool | None:
             return _reads_back(domid, grant.refs, _FRAMES_PROBE)
 
 
+@functools.lru_cache(maxsize=1)
+def kernel_grants_own_frames_once() -> bool | None:
+    """:func:`kernel_grants_own_frames`, asked once per process: the
+    answer stays while the kernel runs, and each asking grants and maps a
+    page (harmless in PV, the only place it is asked)."""
+    return kernel_grants_own_frames()
+
+
 def _reads_back(domid: int, refs: tuple[int, ...], want: bytes) -> bool:
     """Map our own refs read-only and compare their first bytes."""
     try:
@@ -323,7 +331,9 @@ class GntdevDevice(GrantDevice):
 
     ``sys_root`` and ``proc_root`` are where this domain's facts are read
     (:mod:`.this_domain`; tests give a tmp tree), by default the module's
-    SYS_ROOT and PROC_ROOT at the time of opening.
+    SYS_ROOT and PROC_ROOT at the time of opening; ``frames_check`` asks
+    the kernel where the facts leave it open, by default the real kernel
+    (:func:`kernel_grants_own_frames_once`).
     """
 
     def __init__(self, sys_root: str | None = None,
@@ -333,7 +343,7 @@ class GntdevDevice(GrantDevice):
         os.close(native.open_gntdev())
         self._sys_root = sys_root or this_domain.SYS_ROOT
         self._proc_root = proc_root or this_domain.PROC_ROOT
-        self._frames_check = frames_check
+        self._frames_check = frames_check or kernel_grants_own_frames_once
 
     @functools.cached_property
     def _domain_refusal(self) -> Refusal | None:
@@ -341,8 +351,8 @@ class GntdevDevice(GrantDevice):
         the first grant, once (where the facts leave it open, by asking the
         kernel: this_domain.grant_refusal). A kernel without the DMABUF
         ioctls says so rather than the PV reason, as the table does."""
-        refusal = this_domain.grant_refusal(self._sys_root, self._proc_root,
-                                            self._frames_check)
+        refusal = this_domain.grant_refusal(
+            self._sys_root, self._proc_root, frames_check=self._frames_check)
         if refusal is not None and not _dmabuf_ioctls_present():
             return NO_DMABUF_IOCTLS
         return refusal
