@@ -16,11 +16,11 @@ import os
 
 import pytest
 
-from qubes_gpu_share.agent.appproto import LeaseReq
 from qubes_gpu_share.agent.broker_link import BrokerRefused
 from qubes_gpu_share.agent.daemon import Agent, RequestRefused
 from qubes_gpu_share.agent.roles import Roles
 from qubes_gpu_share.alloc.memfd import MemfdAllocator
+from qubes_gpu_share.appproto import LeaseReq
 from qubes_gpu_share.formats import BlobSpec, ReceiveMode, layout_for
 from qubes_gpu_share.grant.expected import DomainKind
 from qubes_gpu_share.grant.sim import SimGrantDevice

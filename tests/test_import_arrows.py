@@ -3,7 +3,9 @@ read from the source (imports inside functions included, since a lazy
 import still makes the loop, only later).
 
 * native.py (the ioctls) reads facts and exceptions from grant/, and
-  grant/gntdev.py calls native: nothing native imports may lead back to it.
+  grant/gntdev.py calls native: nothing native imports may lead back to it;
+* an application's client library shares the application protocol with
+  the agent (appproto.py) and pulls in nothing of the agent.
 """
 
 from __future__ import annotations
@@ -64,3 +66,9 @@ def test_nothing_native_imports_leads_back_to_it():
     assert "qubes_gpu_share.grant.this_domain" in reached   # the test sees
     assert native not in reached
 
+
+def test_the_client_library_pulls_in_nothing_of_the_agent():
+    reached = _reachable("qubes_gpu_share.client")
+    assert "qubes_gpu_share.appproto" in reached
+    assert not {name for name in reached
+                if name.startswith("qubes_gpu_share.agent")}

@@ -29,11 +29,11 @@ import logging
 import os
 from typing import Callable
 
+from ..appproto import LeaseInfo
 from ..formats import ReceiveMode
 from ..grant.device import ForeignMapping, GrantDevice, ImportedDmabuf
 from ..grant.errors import GrantError, ReleaseTimeout
 from ..protocol import LeaseAnswer, RevokeAnswer, RevokeStatus, Role
-from .appproto import LeaseInfo
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from ..alloc import Allocator, adopt
+from ..appproto import LeaseInfo, LeaseReq, OfferReq
 from ..formats import ReceiveMode, layout_for
 from ..grant.device import GrantDevice
 from ..protocol import (Error, ExportAnswer, ExportRequest, LeaseAnswer,
                         LeaseEntry, LeaseRequest, OfferRequest, Ok,
                         RevokeAnswer, Role)
-from .appproto import LeaseInfo, LeaseReq, OfferReq
 from .broker_link import BrokerLink, BrokerRefused
 from .calls import LeaseCalls
 from .consumer import Consumer, Received
