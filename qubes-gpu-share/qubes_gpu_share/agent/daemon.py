@@ -3,7 +3,9 @@
 dom0's calls (services.py) and applications' requests (appserver.py) end
 here; the provider and consumer halves (provider.py, consumer.py) hold the
 buffers. Which roles are on, the qube's Qubes services say (roles.py), at
-each request.
+each request. A release dom0 must hear is retried until it does
+(releases.py), and leases dom0 holds that nobody here knows are ended
+(reconcile.py, sparing the answers of calls still on their way: calls.py).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def _reason(exc: BaseException) -> str:
 
 
 def _check_holder(lease: str, holder: object | None, caller: object) -> None:
+    """Only the application holding a lease (or that offered it) may end
+    it; one nobody holds, any application of the qube may."""
     if holder is not None and holder is not caller:
         raise RequestRefused("not-yours", f"lease {lease} is held by "
                              f"another application")
