@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The agent's application protocol (agent/appproto.py), both directions:
+"""The agent's application protocol (appproto.py), both directions:
 an application's request to its agent (decode_request) and, for the
 client, a lease reply from the agent (load_object + LeaseInfo.from_reply).
 The first byte chooses which. Only AppProtocolError may escape.
@@ -10,9 +10,9 @@ from __future__ import annotations
 from harness import fuzz_main, instrumented
 
 with instrumented():
-    from qubes_gpu_share.agent.appproto import (MAX_REPLY, AppProtocolError,
-                                                LeaseInfo, decode_request,
-                                                load_object)
+    from qubes_gpu_share.appproto import (MAX_REPLY, AppProtocolError,
+                                          LeaseInfo, decode_request,
+                                          load_object)
 
 NAME = "appproto"
 

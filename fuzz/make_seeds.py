@@ -87,7 +87,7 @@ def seeds() -> dict[str, list[bytes]]:
 def appproto_seeds() -> list[bytes]:
     """Valid application requests (even first byte) and a lease reply (odd
     first byte), as fuzz_appproto.py reads them."""
-    from qubes_gpu_share.agent.appproto import LeaseInfo, encode
+    from qubes_gpu_share.appproto import LeaseInfo, encode
     from qubes_gpu_share.formats import linear_layout as layout
     try:
         meta = layout(64, 32, "XR24")

@@ -88,8 +88,8 @@ def pair(grant_impl: GrantImpl):
 
 # A gntdev mapping can be mmapped ONCE (Linux 6.1's gntdev_mmap refuses a
 # second mmap of the same MAP_GRANT_REF range with EINVAL, and the first one
-# fixes it read-only or writable): every test reads and writes a Mapping's
-# pages through one mmap. _read/_write are for the provider's own pages.
+# fixes it read-only or writable): every test reads and writes a
+# ForeignMapping's pages through one mmap. _read/_write are for the provider's own pages.
 
 def _write(view: CpuView, data: bytes, at: int = 0) -> None:
     with view.mmap() as mm:

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 
 from qubes_gpu_share import protocol
-from qubes_gpu_share.agent import appproto
+from qubes_gpu_share import appproto
 from qubes_gpu_share.names import DOM0
 from qubes_gpu_share.protocol import (ExportRequest, GrantRefs, RevokeAnswer,
                                       RevokeStatus)

@@ -16,10 +16,11 @@ import os
 
 import pytest
 
-from qubes_gpu_share.agent.appproto import LeaseReq
 from qubes_gpu_share.agent.broker_link import BrokerRefused
-from qubes_gpu_share.agent.daemon import Agent, AgentError, Roles
+from qubes_gpu_share.agent.daemon import Agent, RequestRefused
+from qubes_gpu_share.agent.roles import Roles
 from qubes_gpu_share.alloc.memfd import MemfdAllocator
+from qubes_gpu_share.appproto import LeaseReq
 from qubes_gpu_share.formats import BlobSpec, ReceiveMode, layout_for
 from qubes_gpu_share.grant.expected import DomainKind
 from qubes_gpu_share.grant.sim import SimGrantDevice
@@ -176,7 +177,7 @@ def test_delivery_and_lease_fail_cleanly_at_every_step(hv, code, mode):
         link.answer = granted()
         fds = _fds()
         faults.fail_at = faults.calls + step
-        with pytest.raises(AgentError) as failed:
+        with pytest.raises(RequestRefused) as failed:
             asyncio.run(consumer.lease(
                 LeaseReq("gpu", BlobSpec(PAGES * 4096), mode, 60),
                 holder=object()))

@@ -45,7 +45,7 @@ QUBES = [provider("gpu-a", 2), provider("gpu-b", 3),
 BACKOFF = 0.02
 #: TTL of every lease of the run: longer than the run, so that no lease
 #: ends by expiry; a lease whose answer was lost with the broker must be
-#: found and released by its consumer's agent (agent/daemon.py Reconciler).
+#: found and released by its consumer's agent (agent/reconcile.py).
 TTL = 600
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import subprocess
 
 import pytest
 
 from qubes_gpu_share import native
 from qubes_gpu_share._native import ffi, lib
 from qubes_gpu_share.grant import errors, this_domain
+from qubes_gpu_share.grant.domid import own_domid
 from qubes_gpu_share.grant.expected import (GRANT_REFUSED_PV_DMA,
                                             NO_DMABUF_IOCTLS, RECEIVED_DMABUF,
                                             VirtMode)
@@ -515,43 +515,12 @@ def test_context_managers_close_mapping_and_gntalloc(fake_devices,
         assert pages.view().length == 2 * 4096
 
 
-# --- own domain id ----------------------------------------------------
-
-def test_dom0_is_recognised_from_capabilities(tmp_path):
-    (tmp_path / "xen").mkdir()
-    (tmp_path / "xen" / "capabilities").write_text("control_d\n")
-    assert native.own_domid(str(tmp_path), run=None) == 0
-
-
-@pytest.mark.parametrize("stdout, code, expect", [
-    ("5\n", 0, 5), ("32751", 0, 32751), ("32752", 0, None),
-    ("-1", 0, None), ("x", 0, None), ("", 1, None), ("٣", 0, None),
-])
-def test_domu_domid_from_xenstore(tmp_path, stdout, code, expect):
-    def run(argv, **kwargs):
-        assert argv == ["xenstore-read", "domid"]
-        return subprocess.CompletedProcess(argv, code, stdout, "")
-    absent = str(tmp_path / "absent")
-    if expect is None:
-        with pytest.raises(errors.NoGrantDevice, match="domain's id"):
-            native.own_domid(absent, run=run)
-    else:
-        assert native.own_domid(absent, run=run) == expect
-
-
-def test_missing_xenstore_read_says_what_to_install(tmp_path):
-    def run(argv, **kwargs):
-        raise FileNotFoundError(2, "No such file", argv[0])
-    with pytest.raises(errors.NoGrantDevice, match="xenstore-utils"):
-        native.own_domid(str(tmp_path / "absent"), run=run)
-
-
 # --- on a real grant device (Xen lab, Qubes qube) ---------------------------
 
 @xen
 @needs_xen
 def test_self_grant_round_trip_through_cpu_mapping(no_fd_leak):
-    domid = native.own_domid()
+    domid = own_domid()
     with GntdevDevice() as device, device.grant_new_pages(2, domid) as grant:
         with grant.view().mmap() as provider:
             provider[:5] = b"hello"
@@ -565,7 +534,7 @@ def test_self_grant_round_trip_through_cpu_mapping(no_fd_leak):
 @xen
 @needs_xen
 def test_read_only_mapping_refuses_a_writable_mmap(no_fd_leak):
-    domid = native.own_domid()
+    domid = own_domid()
     with GntdevDevice() as device, device.grant_new_pages(1, domid) as grant:
         with device.map_grant(domid, grant.refs, writable=False) as mapping:
             with pytest.raises(OSError):
@@ -578,7 +547,7 @@ def test_read_only_mapping_refuses_a_writable_mmap(no_fd_leak):
 @xen
 @needs_xen
 def test_self_import_is_refused_or_works_as_the_probe_says():
-    domid = native.own_domid()
+    domid = own_domid()
     with GntdevDevice() as device, device.grant_new_pages(1, domid) as grant:
         try:
             imported = device.import_dmabuf(domid, grant.refs)

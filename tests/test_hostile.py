@@ -23,7 +23,7 @@ from hostile_peers import (ScriptedProvider, app_exchange, call_service,
 from hostile_sim import (SMALL, SMALL_PAGES, app, assert_budgets_consistent,
                          consumer, final, provider, settle, system)
 from qubes_gpu_share import client, protocol
-from qubes_gpu_share.agent import appproto
+from qubes_gpu_share import appproto
 from qubes_gpu_share.formats import ImageSpec, ReceiveMode
 from qubes_gpu_share.lease import State
 from qubes_gpu_share.protocol import (LeaseRequest, ListRequest,

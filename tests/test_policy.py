@@ -119,11 +119,12 @@ LEASE, PROVIDE, OFFER, RECEIVE = "lease", "provide", "offer", "receive"
 
 def role_calls(role: str, peer: Optional[str] = None) -> Set[Tuple[str, str]]:
     """The calls (service, argument) an agent makes in *role*
-    (agent/broker_link.py, agent/daemon.py). Every agent lists its leases
-    at start (its reconciler) and releases the leases it holds or lent
-    (an application letting go, a failed offer withdrawn, a lease nobody
-    here knows); a consumer leases from its provider; a qube offering a
-    buffer calls GpuOffer with the consumer's name."""
+    (agent/broker_link.py; daemon.py, reconcile.py and releases.py call
+    it). Every agent lists its leases at start (its reconciler) and
+    releases the leases it holds or lent (an application letting go, a
+    failed offer withdrawn, a lease nobody here knows); a consumer leases
+    from its provider; a qube offering a buffer calls GpuOffer with the
+    consumer's name."""
     calls = {("qubes.GpuRelease", ""), ("qubes.GpuLeases", "")}
     if role == LEASE:
         calls.add(("qubes.GpuLease", peer))

@@ -96,7 +96,7 @@ class _Grant(gd.AllocatedGrant):
         return gd.CpuView(self.fd, 0, PAGE_SIZE)
 
 
-class _Mapping(gd.Mapping):
+class _ForeignMapping(gd.ForeignMapping):
     def __init__(self, fd: int, domid: int, refs):
         self.fd, self.domid, self.refs = fd, domid, tuple(refs)
 
@@ -142,7 +142,7 @@ class AnsweringDevice(gd.GrantDevice):
 
     def map_grant(self, from_domid, refs, writable=True):
         self.self_maps.append(("map", list(refs)))
-        return _Mapping(os.dup(self.pages[refs[0]]), from_domid, refs)
+        return _ForeignMapping(os.dup(self.pages[refs[0]]), from_domid, refs)
 
     def import_dmabuf(self, from_domid, refs):
         if list(refs) != [0]:  # ref 0 is never granted to us: maps nothing

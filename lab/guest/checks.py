@@ -137,7 +137,7 @@ def contract_suite(variant):
     """tests/test_grant_real.py (the contract suite against this domain's
     real grant device, with gntdev build ``variant`` loaded), run with
     pytest inside the domain; the lab says which kernel it is."""
-    from qubes_gpu_share import native
+    from qubes_gpu_share.grant.domid import own_domid
     path = "/lab/tests/test_grant_real.py"
     if not os.path.exists(path):
         emit("contract-suite", None, skipped="tests/test_grant_real.py is "
@@ -147,7 +147,7 @@ def contract_suite(variant):
         rc, out, err = python(["-m", "pytest", "-q", "--tb=line", "-rfEs", "-p",
                                "no:cacheprovider", "-m", "xen", path], 180,
                               cwd="/lab", env={"QUBES_GPU_SHARE_SELF_DOMID":
-                                               str(native.own_domid()),
+                                               str(own_domid()),
                                                "QUBES_GPU_SHARE_KIND":
                                                kind_words(variant)})
     counts = {k: int(n) for n, k in re.findall(
@@ -259,9 +259,9 @@ def errno_name(err):
 
 SELF_GRANT = r"""
 import sys
-from qubes_gpu_share import native
+from qubes_gpu_share.grant.domid import own_domid
 from qubes_gpu_share.grant.gntdev import GntdevDevice
-dev, me = GntdevDevice(), native.own_domid()
+dev, me = GntdevDevice(), own_domid()
 step = sys.argv[1]
 with dev.grant_new_pages(1, me) as g:
     buf = g.view().mmap()

@@ -433,8 +433,8 @@ def lie(base):
 
 def main():
     opts = labio.cmdline()
-    from qubes_gpu_share import native
-    domid = native.own_domid()
+    from qubes_gpu_share.grant.domid import own_domid
+    domid = own_domid()
     base = L.base(domid)
     variants = opts["gntdev"].split(",")
     steps = opts["steps"].split(",")

@@ -11,7 +11,7 @@
 It talks to this qube's agent over ``/run/qubes-gpu-share/app.sock``
 (in dom0, dom0's own agent over ``/run/qubes-gpu-share-dom0-app.sock``;
 $QUBES_GPU_SHARE_APP_SOCKET overrides both: :func:`default_socket`;
-agent/appproto.py has the messages). One request at a time per
+appproto.py has the messages). One request at a time per
 :class:`Client`; the agent may send a revoke notice at any time, which the
 client collects in :attr:`Client.revoked`: a program should then stop using
 that buffer and close it. Closing the client (or the process dying) releases
@@ -29,8 +29,8 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
-from .agent import appproto
-from .agent.appproto import LeaseInfo
+from . import appproto
+from .appproto import LeaseInfo
 from .formats import BLOB, BlobSpec, ImageSpec, ReceiveMode
 from .grant import this_domain
 from .protocol import LeaseEntry, Role

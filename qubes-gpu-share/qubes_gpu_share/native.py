@@ -16,14 +16,12 @@ from __future__ import annotations
 import errno
 import os
 import platform
-import subprocess
 from collections.abc import Callable, Sequence
 
 from ._native import ffi, lib
 from .grant import this_domain
 from .grant.device import check_page_count
 from .grant.expected import VirtMode
-from .names import DOMID_FIRST_RESERVED
 from .grant.errors import (
     AlreadyReleased, DmabufNotSupported, DmabufReceiveRefused, GrantError,
     GrantTableFull, NoGrantDevice, NotGrantable, ReleaseTimeout)
@@ -462,39 +460,3 @@ def drm_map_dumb(drm_fd: int, handle: int) -> int:
         "(PRIME) object"))
     return op.offset
 
-
-# --- this domain's id --------------------------------------------------------
-
-def own_domid(proc_root: str | None = None,
-              run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
-              ) -> int:
-    """This domain's id: 0 in dom0, else xenstore's relative key ``domid``.
-
-    dom0 is recognised by ``control_d`` in /proc/xen/capabilities. In a domU
-    the toolstack writes /local/domain/N/domid; the relative read
-    (``xenstore-read domid``) is what libxenvchan, and so Qubes' qrexec and
-    GUI agent, use, and it follows a save/restore. QubesDB has no domid key.
-    """
-    if this_domain.is_dom0(proc_root or this_domain.PROC_ROOT):
-        return 0
-    try:
-        result = run(["xenstore-read", "domid"], capture_output=True,
-                     text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise NoGrantDevice(
-            f"cannot learn this domain's id: xenstore-read failed ({exc}); "
-            f"install xenstore-utils (Debian) or xen-runtime (Fedora)"
-        ) from exc
-    return parse_domid(result.stdout if result.returncode == 0 else "",
-                       result.stderr)
-
-
-def parse_domid(untrusted_text: str, why: str = "") -> int:
-    """Validate xenstore's answer: a decimal domain id below the reserved."""
-    text = untrusted_text.strip()
-    if not (text.isascii() and text.isdigit() and len(text) <= 5) or \
-            int(text) >= DOMID_FIRST_RESERVED:
-        raise NoGrantDevice(
-            f"cannot learn this domain's id from xenstore key 'domid' "
-            f"({why.strip() or repr(untrusted_text)}): not in a Xen domain?")
-    return int(text)

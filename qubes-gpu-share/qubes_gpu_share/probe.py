@@ -34,6 +34,7 @@ from .alloc.base import AllocationError, Allocator
 from .formats import PAGE_SIZE
 from .grant import this_domain
 from .grant.device import GrantDevice
+from .grant.domid import own_domid
 from .grant.errors import DmabufNotSupported, GrantError, NoGrantDevice
 
 #: Bumped on any incompatible change of :meth:`Report.to_json`.
@@ -350,7 +351,6 @@ def _open_real() -> tuple[GrantDevice | None, int | None, str]:
         return None, None, ("not a Xen domain: no /sys/hypervisor/type and "
                             "no /dev/xen/gntdev")
     try:
-        from . import native
         from .grant.gntdev import GntdevDevice
     except ImportError as exc:
         return None, None, f"the native helper is not built ({exc}); run make"
@@ -359,7 +359,7 @@ def _open_real() -> tuple[GrantDevice | None, int | None, str]:
     except NoGrantDevice as exc:
         return None, None, str(exc)
     try:
-        return device, native.own_domid(), ""
+        return device, own_domid(), ""
     except NoGrantDevice as exc:
         return device, None, str(exc)
 

@@ -1,7 +1,7 @@
 """The application socket: local programs ask the agent for buffers here.
 
 A ``SOCK_SEQPACKET`` Unix socket (one message per packet, fds attached with
-SCM_RIGHTS; appproto.py has the messages). Who may connect:
+SCM_RIGHTS; ../appproto.py has the messages). Who may connect:
 
 * the socket file is created mode 0660 (group: the ``--app-group``, when
   given), so the file system is the first gate; dom0's agent, which is
@@ -34,11 +34,11 @@ import socket
 import struct
 from typing import Any
 
+from .. import appproto
+from ..appproto import AppProtocolError
 from ..protocol import Role
-from . import appproto
-from .appproto import AppProtocolError
 from .broker_link import BrokerRefused
-from .daemon import Agent, AgentError
+from .daemon import Agent, RequestRefused
 from ..alloc import AllocationError
 from ..grant.errors import GrantError
 
@@ -254,7 +254,7 @@ class AppServer:
             reply, out_fd = await self._dispatch(connection, request, fd)
         except AppProtocolError as exc:
             reply, out_fd = appproto.error_reply("malformed", str(exc)), None
-        except AgentError as exc:
+        except RequestRefused as exc:
             reply, out_fd = appproto.error_reply(exc.code, str(exc)), None
         except BrokerRefused as exc:
             reply, out_fd = appproto.error_reply(exc.code, str(exc)), None

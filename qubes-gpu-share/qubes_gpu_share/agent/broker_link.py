@@ -48,7 +48,7 @@ class BrokerRefused(Exception):
     the broker's own error message): whatever the call recorded, the
     broker ends it. False when the call was cut, qrexec failed, the answer
     was garbled or never came: the broker may have recorded a lease whose
-    id nobody here learned (the agent then reconciles, daemon.py)."""
+    id nobody here learned (the agent then reconciles, reconcile.py)."""
 
     def __init__(self, code: str, message: str, *, answered: bool = False):
         super().__init__(message)

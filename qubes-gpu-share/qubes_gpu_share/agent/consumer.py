@@ -29,11 +29,11 @@ import logging
 import os
 from typing import Callable
 
+from ..appproto import LeaseInfo
 from ..formats import ReceiveMode
-from ..grant.device import GrantDevice, ImportedDmabuf, Mapping
+from ..grant.device import ForeignMapping, GrantDevice, ImportedDmabuf
 from ..grant.errors import GrantError, ReleaseTimeout
 from ..protocol import LeaseAnswer, RevokeAnswer, RevokeStatus, Role
-from .appproto import LeaseInfo
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Received:
     """One lease this qube receives, and who holds it here."""
 
     answer: LeaseAnswer
-    local: Mapping | ImportedDmabuf
+    local: ForeignMapping | ImportedDmabuf
     #: the application connection holding it; None while nobody took it
     holder: object | None = None
     let_go: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)

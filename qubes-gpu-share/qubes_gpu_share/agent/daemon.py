@@ -2,9 +2,10 @@
 
 dom0's calls (services.py) and applications' requests (appserver.py) end
 here; the provider and consumer halves (provider.py, consumer.py) hold the
-buffers. The roles follow the qube's Qubes services: ``gpu-share`` (consumer)
-and ``gpu-share-provider`` (provider), read at each request so that the
-admin's ``qvm-service`` toggles apply without a restart.
+buffers. Which roles are on, the qube's Qubes services say (roles.py), at
+each request. A release dom0 must hear is retried until it does
+(releases.py), and leases dom0 holds that nobody here knows are ended
+(reconcile.py, sparing the answers of calls still on their way: calls.py).
 """
 
 from __future__ import annotations
@@ -13,93 +14,36 @@ import asyncio
 import contextlib
 import logging
 import os
-import pathlib
-import shutil
-import subprocess
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable
 from typing import TypeVar
 
 from ..alloc import Allocator, adopt
+from ..appproto import LeaseInfo, LeaseReq, OfferReq
 from ..formats import ReceiveMode, layout_for
 from ..grant.device import GrantDevice
-from ..lease import State
 from ..protocol import (Error, ExportAnswer, ExportRequest, LeaseAnswer,
                         LeaseEntry, LeaseRequest, OfferRequest, Ok,
                         RevokeAnswer, Role)
-from .appproto import LeaseInfo, LeaseReq, OfferReq
 from .broker_link import BrokerLink, BrokerRefused
+from .calls import LeaseCalls
 from .consumer import Consumer, Received
 from .provider import Provided, Provider
+from .reconcile import Reconciler
+from .releases import Releases
+from .roles import SERVICE_FOR_ROLE, Roles
 
 log = logging.getLogger(__name__)
 
-#: Seconds before the first retry of a release dom0 did not receive, and
-#: the longest wait between retries.
-RELEASE_RETRY = 0.2
-RELEASE_RETRY_MAX = 10.0
-
-#: Reconciling with dom0 (:class:`Reconciler`): the first retry of a
-#: GpuLeases that did not get through, the longest wait between retries,
-#: and when to give up (the default TTL: by then it ended the lease).
-RECONCILE_RETRY = 0.2
-RECONCILE_RETRY_MAX = 10.0
-RECONCILE_GIVE_UP = 600.0
-#: How long an unknown active lease may still be an offer on its way here
-#: (dom0 records an offer active, then delivers it), and how long a round
-#: waits for this agent's own lease calls to end.
-DELIVERY_GRACE = 1.0
-CALLS_WAIT = 60.0
-
 T = TypeVar("T")
 
-SERVICE_FOR_ROLE = {Role.CONSUMER: "gpu-share",
-                    Role.PROVIDER: "gpu-share-provider"}
 
-
-class AgentError(Exception):
-    """A request the agent refuses; ``code`` as in protocol Error codes."""
+class RequestRefused(Exception):
+    """An application's request the agent refuses (appserver.py answers it
+    with an error); ``code`` as in protocol Error codes."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
-
-
-class Roles:
-    """Which roles the qube's services enable: QubesDB's live value when
-    ``qubesdb`` is set and answers, else the boot-time file."""
-
-    def __init__(self, services_dir: str | os.PathLike,
-                 qubesdb: str | None = None):
-        self._dir = pathlib.Path(services_dir)
-        self._qubesdb = qubesdb
-
-    @classmethod
-    def with_qubesdb(cls, services_dir: str | os.PathLike) -> Roles:
-        return cls(services_dir, shutil.which("qubesdb-read"))
-
-    @classmethod
-    def decided_by_broker(cls) -> Roles:
-        """Every role: for dom0's agent, whose roles the broker checks."""
-        return _AllRoles()
-
-    def enabled(self, role: Role) -> bool:
-        service = SERVICE_FOR_ROLE[role]
-        if self._qubesdb:
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                result = subprocess.run(
-                    [self._qubesdb, f"/qubes-service/{service}"],
-                    capture_output=True, timeout=5, check=False)
-                if result.returncode == 0:
-                    return result.stdout.strip() == b"1"
-        return (self._dir / service).exists()
-
-
-class _AllRoles(Roles):
-    def __init__(self):
-        super().__init__(os.devnull)
-
-    def enabled(self, role: Role) -> bool:
-        return True
 
 
 def _reason(exc: BaseException) -> str:
@@ -110,155 +54,11 @@ def _reason(exc: BaseException) -> str:
 
 
 def _check_holder(lease: str, holder: object | None, caller: object) -> None:
+    """Only the application holding a lease (or that offered it) may end
+    it; one nobody holds, any application of the qube may."""
     if holder is not None and holder is not caller:
-        raise AgentError("not-yours", f"lease {lease} is held by another "
-                         f"application")
-
-
-class LeaseCalls:
-    """This agent's qubes.GpuLease calls under way, numbered in the order
-    they started, each with the provider it asks. A call counts until its
-    answer is received (mapped and known) or it failed."""
-
-    def __init__(self) -> None:
-        self._started = 0
-        self._open: dict[int, str] = {}
-        self._changed = asyncio.Event()
-
-    @contextlib.contextmanager
-    def track(self, provider: str) -> Iterator[None]:
-        serial = self._started
-        self._started += 1
-        self._open[serial] = provider
-        try:
-            yield
-        finally:
-            del self._open[serial]
-            self._changed.set()
-            self._changed = asyncio.Event()
-
-    def mark(self) -> int:
-        """Calls numbered below the mark started before now."""
-        return self._started
-
-    def pending(self, mark: int) -> set[str]:
-        """The providers asked by calls started before ``mark`` and still
-        under way."""
-        return {provider for serial, provider in self._open.items()
-                if serial < mark}
-
-    async def settled(self, mark: int) -> None:
-        """Until every call started before ``mark`` has ended."""
-        while self.pending(mark):
-            await self._changed.wait()
-
-
-class Reconciler:
-    """Ends this qube's consumer leases that dom0 holds active but this
-    agent does not know.
-
-    Such a lease exists when the broker recorded it ``active`` and died (or
-    the call broke) before its answer reached us: nobody here learned its
-    id, so without this only its TTL would end it, holding the provider's
-    budget. Also, after an agent restart, every lease from before: the
-    mappings died with the old agent and its applications lost their
-    connection, which tells them to let go (docs/agent.md).
-
-    The race: a lease listed active and unknown may be the answer of one of
-    our own lease calls still on its way. Lease entries carry no creation
-    time, so "older than the failed call" cannot be told; instead the agent
-    numbers its calls (:class:`LeaseCalls`). Every call started before the
-    list's answer arrived may own a listed lease (one started later cannot:
-    dom0 answered the list before it received that call). An unknown lease
-    from a provider none of those calls asks is released at once; one from
-    a provider such a call asks waits until those calls ended, and is
-    released only if it is still unknown then. Waiting for "no call in
-    flight at all" would be simpler but never comes on a busy agent. An
-    offer to us is recorded active just before dom0 delivers it, beyond our
-    sight: every release waits :data:`DELIVERY_GRACE` first and looks
-    again (a delivered offer nobody took yet is known and stays)."""
-
-    def __init__(self, link: BrokerLink, calls: LeaseCalls,
-                 knows: Callable[[str], bool],
-                 release: Callable[[str], Awaitable[None]]):
-        self._link = link
-        self._calls = calls
-        self._knows = knows
-        self._release = release
-        self._wanted = False
-        self._task: asyncio.Task | None = None
-
-    def request(self) -> None:
-        """Reconcile in the background; once more after a round under way
-        (the failure that asks may have come after its list)."""
-        self._wanted = True
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-    async def idle(self) -> None:
-        """Until no round is under way (tests)."""
-        while self._task is not None and not self._task.done():
-            await asyncio.wait({self._task})
-
-    async def _run(self) -> None:
-        """Rounds while wanted; a list that does not reach dom0 is retried
-        with backoff (dom0's broker is restarting), bounded in time."""
-        loop = asyncio.get_running_loop()
-        delay, give_up = RECONCILE_RETRY, loop.time() + RECONCILE_GIVE_UP
-        while self._wanted:
-            self._wanted = False
-            try:
-                await self._round()
-                delay, give_up = (RECONCILE_RETRY,
-                                  loop.time() + RECONCILE_GIVE_UP)
-            except BrokerRefused as exc:
-                if exc.answered or loop.time() + delay > give_up:
-                    log.warning("cannot reconcile leases with dom0: %s", exc)
-                    return
-                self._wanted = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONCILE_RETRY_MAX)
-
-    async def _round(self) -> None:
-        listed = (await self._link.list()).leases
-        mark = self._calls.mark()
-        unknown = self._unknown(listed)
-        if not unknown:
-            return
-        await asyncio.sleep(DELIVERY_GRACE)
-        busy = self._calls.pending(mark)
-        await self._end([entry for entry in unknown
-                         if entry.peer not in busy])
-        later = [entry for entry in unknown if entry.peer in busy]
-        if later:
-            try:
-                await asyncio.wait_for(self._calls.settled(mark), CALLS_WAIT)
-            except asyncio.TimeoutError:
-                log.warning("lease calls did not end in %.0fs: %d unknown "
-                            "leases left to their TTL", CALLS_WAIT,
-                            len(later))
-                return
-            await self._end(later)
-
-    def _unknown(self, listed: tuple[LeaseEntry, ...]) -> list[LeaseEntry]:
-        return [entry for entry in listed
-                if entry.role is Role.CONSUMER
-                and entry.state is State.ACTIVE
-                and not self._knows(entry.lease)]
-
-    async def _end(self, entries: list[LeaseEntry]) -> None:
-        for entry in self._unknown(tuple(entries)):
-            log.warning("lease %s from %s: active at dom0 but unknown here "
-                        "(its answer was lost): releasing", entry.lease,
-                        entry.peer)
-            try:
-                await self._release(entry.lease)
-            except BrokerRefused as exc:
-                log.warning("lease %s: release: %s", entry.lease, exc)
+        raise RequestRefused("not-yours", f"lease {lease} is held by "
+                             f"another application")
 
 
 class Agent:
@@ -274,19 +74,18 @@ class Agent:
         self._allocator = allocator
         #: set by the app server: notify(connection, lease)
         self.notify_app = lambda connection, lease: None
-        #: releases that did not reach dom0, retried in the background
-        self._retrying: dict[str, asyncio.Task] = {}
+        self._releases = Releases(link)
         self._calls = LeaseCalls()
         self.reconciler = Reconciler(link, self._calls, self._knows,
-                                     self._release_at_broker)
+                                     self._releases.tell)
 
     def _notify_revoke(self, connection: object, lease: str) -> None:
         self.notify_app(connection, lease)
 
     def _require(self, role: Role) -> None:
         if not self.roles.enabled(role):
-            raise AgentError("role-disabled", f"this qube's "
-                             f"{SERVICE_FOR_ROLE[role]} service is off")
+            raise RequestRefused("role-disabled", f"this qube's "
+                                 f"{SERVICE_FOR_ROLE[role]} service is off")
 
     # -- what dom0 asks (services.py) -------------------------------------
 
@@ -329,7 +128,8 @@ class Agent:
                             answer.provider, _reason(exc))
                 with contextlib.suppress(BrokerRefused):
                     await self.link.release(answer.lease)
-                raise AgentError("receive-failed", _reason(exc)) from None
+                raise RequestRefused("receive-failed",
+                                     _reason(exc)) from None
         return received.hand_out()
 
     async def _reconciling_on_loss(self, call: Awaitable[T]) -> T:
@@ -347,7 +147,7 @@ class Agent:
 
     def _knows(self, lease: str) -> bool:
         """Held, delivered and waiting to be taken, or being released."""
-        return self.consumer.get(lease) is not None or lease in self._retrying
+        return self.consumer.get(lease) is not None or lease in self._releases
 
     async def offer(self, request: OfferReq, fd: int, owner: object) -> str:
         """Offer the application's buffer (``fd``, owned by this call)."""
@@ -360,8 +160,8 @@ class Agent:
             raise
         if allocation.pages != layout_for(request.spec).pages:
             allocation.close()
-            raise AgentError("size", "the buffer's size does not match its "
-                             "description")
+            raise RequestRefused("size", "the buffer's size does not match "
+                                 "its description")
         exported = []
 
         def export(export_request: ExportRequest) -> ExportAnswer | Error:
@@ -387,7 +187,7 @@ class Agent:
         revokes it; it refuses one it never recorded)."""
         try:
             await self.release(lease, owner)
-        except (AgentError, BrokerRefused) as exc:
+        except (RequestRefused, BrokerRefused) as exc:
             log.warning("lease %s: withdrawing the failed offer: %s",
                         lease, exc)
 
@@ -411,8 +211,8 @@ class Agent:
             try:
                 item = await asyncio.wait_for(queue.get(), timeout or None)
             except asyncio.TimeoutError:
-                raise AgentError("timeout", f"nothing arrived in "
-                                 f"{timeout}s") from None
+                raise RequestRefused("timeout", f"nothing arrived in "
+                                     f"{timeout}s") from None
             if isinstance(item, Received):
                 if self.consumer.get(item.lease) is item:
                     item.holder = holder
@@ -443,43 +243,11 @@ class Agent:
         if received is not None:
             _check_holder(lease, received.holder, holder)
             if not await self.consumer.let_go(lease):
-                raise AgentError("busy", "a copy of the dma-buf is still "
-                                 "open")
+                raise RequestRefused("busy", "a copy of the dma-buf is "
+                                     "still open")
         elif provided is not None:
             _check_holder(lease, provided.owner, holder)
-        await self._release_at_broker(lease)
-
-    async def _release_at_broker(self, lease: str) -> None:
-        """Tell dom0. A call that did not get through (dom0's broker is
-        restarting) would leave the lease active until its TTL, with our
-        side let go already and the application unable to ask again: the
-        agent retries it in the background until dom0 answers."""
-        try:
-            await self.link.release(lease)
-        except BrokerRefused as exc:
-            if exc.code != "qrexec":
-                raise
-            log.warning("lease %s: release did not reach dom0 (%s): "
-                        "retrying", lease, exc)
-            if lease not in self._retrying:
-                self._retrying[lease] = asyncio.get_running_loop(
-                    ).create_task(self._retry_release(lease))
-
-    async def _retry_release(self, lease: str) -> None:
-        delay = RELEASE_RETRY
-        try:
-            while True:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RELEASE_RETRY_MAX)
-                try:
-                    await self.link.release(lease)
-                    return
-                except BrokerRefused as exc:
-                    if exc.code != "qrexec":
-                        log.warning("lease %s: release: %s", lease, exc)
-                        return
-        finally:
-            self._retrying.pop(lease, None)
+        await self._releases.tell(lease)
 
     async def connection_closed(self, holder: object) -> None:
         """Every lease an application held or offered ends with it."""
@@ -487,7 +255,7 @@ class Agent:
                       + self.provider.owned_by(holder)):
             try:
                 await self.release(lease, holder)
-            except (AgentError, BrokerRefused) as exc:
+            except (RequestRefused, BrokerRefused) as exc:
                 log.warning("lease %s: release after the application went "
                             "away: %s", lease, exc)
 

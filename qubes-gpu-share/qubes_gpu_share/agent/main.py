@@ -35,7 +35,8 @@ from ..grant.open import open_grant_device
 from ..qrexec.call import ClientVmCaller
 from .appserver import AppServer, PeerPolicy
 from .broker_link import BrokerLink, LocalSocketCaller, sim_caller
-from .daemon import Agent, Roles
+from .daemon import Agent
+from .roles import Roles
 from .services import make_server
 
 log = logging.getLogger("qubes_gpu_share.agent")
@@ -100,7 +101,8 @@ def choose_allocator(name: str, simulated: bool,
     whatever was asked for: gntalloc pages still work there."""
     if simulated:
         return MemfdAllocator()
-    refusal = this_domain.grant_refusal(sys_root, proc_root)
+    refusal = this_domain.grant_refusal(
+        sys_root, proc_root, frames_check=_kernel_grants_own_frames)
     if refusal is not None:
         if name != "gntalloc":
             log.warning("allocator %s not used, granting gntalloc pages: %s",
@@ -121,6 +123,16 @@ def choose_allocator(name: str, simulated: bool,
         log.info("allocator %s unavailable: %s", allocator.name,
                  availability.reason)
     return None
+
+
+def _kernel_grants_own_frames() -> bool | None:
+    """The real kernel's answer (grant/gntdev.py), None where the native
+    helper is not built: the kernel cannot be asked."""
+    try:
+        from ..grant.gntdev import kernel_grants_own_frames_once
+    except ImportError:
+        return None
+    return kernel_grants_own_frames_once()
 
 
 def qube_name(given: str | None) -> str:

@@ -28,7 +28,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..client import APP_SOCKET, ENV_SOCKET, Client, ClientError, LeasedBuffer
+from ..client import (APP_SOCKET, DOM0_APP_SOCKET, ENV_SOCKET, Client,
+                      ClientError, LeasedBuffer)
 from ..formats import (BLOB, MAX_DIMENSION, MAX_LEASE_BYTES, PAGE_SIZE,
                        BlobSpec, BufferMeta, BufferSpec, ImageSpec,
                        ReceiveMode, check_spec)
@@ -69,8 +70,10 @@ exit status:
   with --exec, COMMAND's exit status (128+N if killed by signal N)
 
 files:
-  {APP_SOCKET}  the agent's application socket (--socket,
-    ${ENV_SOCKET})
+  {APP_SOCKET}  the agent's application socket, in a qube
+  {DOM0_APP_SOCKET}  in dom0, the socket of dom0's own agent
+    (opt-in; systemd's qubes-gpu-share-dom0-agent.socket holds it)
+  --socket PATH or ${ENV_SOCKET} picks another
 
 examples:
   qubes-gpu-share lease --from sys-gpu --size 1920x1080 --format XR24
@@ -90,7 +93,8 @@ _FOURCC = re.compile(r"[A-Za-z0-9 _]{4}")
 def add_socket_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--socket", metavar="PATH", default=None,
-        help=f"the agent's application socket (default ${ENV_SOCKET} or "
+        help=f"the agent's application socket (default ${ENV_SOCKET}, "
+             f"else {DOM0_APP_SOCKET} in dom0 (its opt-in agent), else "
              f"{APP_SOCKET})")
 
 

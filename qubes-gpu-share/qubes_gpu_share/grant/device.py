@@ -53,7 +53,8 @@ from ..formats import MAX_LEASE_PAGES, PAGE_SIZE, ReceiveMode
 from .errors import TooManyPages
 
 __all__ = ["ReceiveMode", "CpuView", "check_page_count", "Grant",
-           "AllocatedGrant", "Mapping", "ImportedDmabuf", "GrantDevice"]
+           "AllocatedGrant", "ForeignMapping", "ImportedDmabuf",
+           "GrantDevice"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +64,12 @@ class CpuView:
     The fd belongs to the object that handed out the view; pass it on (e.g.
     with SCM_RIGHTS) or dup it, never close it directly.
 
-    For a consumer's :class:`Mapping`: in a PV domain a mapping can be
-    mmapped once (Linux 6.1's gntdev refuses a second mmap of the same range
-    with EINVAL, even after munmap, and in PVH/HVM too), and that first mmap
-    fixes it read-only or writable. Whoever mmaps it -- normally the
-    application the fd is handed to, never the agent before handing it --
-    does it once and keeps the mapping.
+    For a consumer's :class:`ForeignMapping`: in a PV domain a mapping
+    can be mmapped once (Linux 6.1's gntdev refuses a second mmap of the
+    same range with EINVAL, even after munmap, and in PVH/HVM too), and
+    that first mmap fixes it read-only or writable. Whoever mmaps it --
+    normally the application the fd is handed to, never the agent before
+    handing it -- does it once and keeps the mapping.
     """
 
     fd: int
@@ -166,7 +167,7 @@ class AllocatedGrant(Grant):
         """The granted pages, for the provider (or a local application)."""
 
 
-class Mapping(_Owned):
+class ForeignMapping(_Owned):
     """A foreign domain's refs mapped into this domain (``cpu`` mode)."""
 
     domid: int
@@ -239,7 +240,7 @@ class GrantDevice(_Owned):
 
     @abc.abstractmethod
     def map_grant(self, from_domid: int, refs: Sequence[int],
-                  writable: bool = True) -> Mapping:
+                  writable: bool = True) -> ForeignMapping:
         """MAP_GRANT_REF + mmap of refs granted to us by ``from_domid``.
 
         Raises MapRefused here (not at mmap) for a ref that does not exist,

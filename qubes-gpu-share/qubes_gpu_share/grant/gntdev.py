@@ -35,9 +35,10 @@ from collections.abc import Sequence
 from .. import native
 from ..formats import PAGE_SIZE
 from . import this_domain
+from .domid import own_domid
 from .device import (
-    AllocatedGrant, CpuView, Grant, GrantDevice, ImportedDmabuf, Mapping,
-    check_page_count)
+    AllocatedGrant, CpuView, ForeignMapping, Grant, GrantDevice,
+    ImportedDmabuf, check_page_count)
 from .errors import (AlreadyReleased, DmabufNotSupported, GrantError,
                      MapRefused, NoGrantDevice)
 from .expected import NO_DMABUF_IOCTLS, RECEIVED_DMABUF, Refusal
@@ -130,7 +131,7 @@ class GntallocGrant(AllocatedGrant):
             self._fd = _close(self._fd)
 
 
-class GntdevMapping(Mapping):
+class GntdevMapping(ForeignMapping):
     """Foreign refs reserved for mmap on a private gntdev fd.
 
     The refs were checked with GRANT_COPY before MAP_GRANT_REF (which asks
@@ -263,7 +264,7 @@ def kernel_grants_own_frames() -> bool | None:
     if not allocator.availability().ok:
         return None
     try:
-        domid = native.own_domid()
+        domid = own_domid()
         allocation = allocator.allocate(PAGE_SIZE)
     except (GrantError, OSError, ValueError):
         return None
@@ -278,6 +279,14 @@ def kernel_grants_own_frames() -> bool | None:
             return False
         with grant:
             return _reads_back(domid, grant.refs, _FRAMES_PROBE)
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_grants_own_frames_once() -> bool | None:
+    """:func:`kernel_grants_own_frames`, asked once per process: the
+    answer stays while the kernel runs, and each asking grants and maps a
+    page (harmless in PV, the only place it is asked)."""
+    return kernel_grants_own_frames()
 
 
 def _reads_back(domid: int, refs: tuple[int, ...], want: bytes) -> bool:
@@ -322,7 +331,9 @@ class GntdevDevice(GrantDevice):
 
     ``sys_root`` and ``proc_root`` are where this domain's facts are read
     (:mod:`.this_domain`; tests give a tmp tree), by default the module's
-    SYS_ROOT and PROC_ROOT at the time of opening.
+    SYS_ROOT and PROC_ROOT at the time of opening; ``frames_check`` asks
+    the kernel where the facts leave it open, by default the real kernel
+    (:func:`kernel_grants_own_frames_once`).
     """
 
     def __init__(self, sys_root: str | None = None,
@@ -332,7 +343,7 @@ class GntdevDevice(GrantDevice):
         os.close(native.open_gntdev())
         self._sys_root = sys_root or this_domain.SYS_ROOT
         self._proc_root = proc_root or this_domain.PROC_ROOT
-        self._frames_check = frames_check
+        self._frames_check = frames_check or kernel_grants_own_frames_once
 
     @functools.cached_property
     def _domain_refusal(self) -> Refusal | None:
@@ -340,8 +351,8 @@ class GntdevDevice(GrantDevice):
         the first grant, once (where the facts leave it open, by asking the
         kernel: this_domain.grant_refusal). A kernel without the DMABUF
         ioctls says so rather than the PV reason, as the table does."""
-        refusal = this_domain.grant_refusal(self._sys_root, self._proc_root,
-                                            self._frames_check)
+        refusal = this_domain.grant_refusal(
+            self._sys_root, self._proc_root, frames_check=self._frames_check)
         if refusal is not None and not _dmabuf_ioctls_present():
             return NO_DMABUF_IOCTLS
         return refusal

@@ -29,8 +29,8 @@ from collections.abc import Iterator, Sequence
 
 from ..formats import PAGE_SIZE
 from . import errors
-from .device import (AllocatedGrant, CpuView, Grant, GrantDevice,
-                     ImportedDmabuf, Mapping, check_page_count)
+from .device import (AllocatedGrant, CpuView, ForeignMapping, Grant,
+                     GrantDevice, ImportedDmabuf, check_page_count)
 from .expected import DomainKind
 from .sim_proto import (ANCILLARY_SIZE, DOMID, EXPORT, GRANT, HELD, ID,
                         LIMIT, MAP, MAPPED, PEEKED, STATS, STATS_REPLY,
@@ -109,7 +109,7 @@ class SimGrantDevice(GrantDevice):
         return _SimAllocatedGrant(self, gid, to_domid, refs, fd)
 
     def map_grant(self, from_domid: int, refs: Sequence[int],
-                  writable: bool = True) -> Mapping:
+                  writable: bool = True) -> ForeignMapping:
         refs = _checked_refs(refs)
         payload, fd = self._call(
             Op.MAP, MAP.pack(from_domid, writable) + encode_refs(refs),
@@ -280,7 +280,7 @@ class _SimAllocatedGrant(_SimGrant, AllocatedGrant):
         return None
 
 
-class _SimMapping(Mapping):
+class _SimMapping(ForeignMapping):
     def __init__(self, device: SimGrantDevice, mid: int, domid: int,
                  refs: tuple[int, ...], fd: int, offset: int):
         self._device = device

@@ -16,9 +16,12 @@ calling it, because the kernel answers with refs either way (expected.py):
 * xen-gntalloc's page limit (its module parameter, /sys/module).
 
 Where the facts say the kernel may grant wrong frames (PV without
-swiotlb-xen), :func:`grant_refusal` asks the kernel too: a kernel with the
-gntdev frames fix (kernel/0003) grants the right ones, and is recognised by
-doing so (gntdev.kernel_grants_own_frames), never by its version.
+swiotlb-xen), :func:`grant_refusal` asks the kernel too, through the check
+its caller gives: a kernel with the gntdev frames fix (kernel/0003) grants
+the right ones, and is recognised by doing so (the real check is
+gntdev.kernel_grants_own_frames), never by its version. The check is
+passed in rather than imported: native.py reads this module, and
+gntdev.py is native's caller, so importing it here would close a loop.
 
 Every path is under a root given as a parameter, so tests use a tmp tree.
 Every read is bounded; what cannot be read is "not known", never an error.
@@ -26,7 +29,6 @@ Every read is bounded; what cannot be read is "not known", never an error.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 
@@ -87,37 +89,22 @@ def xen_swiotlb(sys_root: str = SYS_ROOT,
 FramesCheck = Callable[[], "bool | None"]
 
 
-@functools.lru_cache(maxsize=1)
-def _kernel_grants_own_frames() -> bool | None:
-    """The real kernel's answer, asked once per process (it grants a page
-    of a fresh udmabuf to this domain itself and maps it back: harmless in
-    PV, the only place it is asked)."""
-    try:
-        from .gntdev import kernel_grants_own_frames
-    except ImportError:     # the native helper is not built: cannot ask
-        return None
-    return kernel_grants_own_frames()
-
-
 def grant_refusal(sys_root: str = SYS_ROOT, proc_root: str = PROC_ROOT,
-                  frames_check: FramesCheck | None = None
-                  ) -> Refusal | None:
+                  *, frames_check: FramesCheck) -> Refusal | None:
     """expected.dmabuf_grant_refusal for this domain: why no IMP_TO_REFS
     may be made here, or None.
 
     The facts decide, except where they say the kernel may grant wrong
     frames (PV without swiotlb-xen): there the kernel is asked
-    (``frames_check``, by default the real one, once per process), and a
-    kernel that grants the buffer's own frames is not refused. A kernel
-    that cannot be asked (no udmabuf to try with, no grant device) is
-    refused, the safe side.
+    (``frames_check``; the real one: gntdev.kernel_grants_own_frames_once),
+    and a kernel that grants the buffer's own frames is not refused. A
+    kernel that cannot be asked (no udmabuf to try with, no grant device)
+    is refused, the safe side.
     """
     refusal = dmabuf_grant_refusal(virt_mode(sys_root),
                                    xen_swiotlb(sys_root, proc_root))
-    if refusal is GRANT_REFUSED_PV_DMA:
-        check = frames_check or _kernel_grants_own_frames
-        if check() is True:
-            return None
+    if refusal is GRANT_REFUSED_PV_DMA and frames_check() is True:
+        return None
     return refusal
 
 

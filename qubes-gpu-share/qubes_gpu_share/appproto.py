@@ -1,16 +1,18 @@
 """The application protocol: what a local program and its agent say.
 
-Pure: bytes in, checked objects out, no I/O. The transport (agent/appserver.py
-and client.py) is a ``SOCK_SEQPACKET`` Unix socket, so every message is one
-packet: no framing to get wrong, and a file descriptor travels with the
-packet it belongs to (SCM_RIGHTS).
+Shared by both ends and owned by neither (agent/appserver.py serves it,
+client.py speaks it), so that an application's library does not pull in
+the agent. Pure: bytes in, checked objects out, no I/O. The transport is
+a ``SOCK_SEQPACKET`` Unix socket, so every message is one packet: no
+framing to get wrong, and a file descriptor travels with the packet it
+belongs to (SCM_RIGHTS).
 
 A message is one JSON object of printable ASCII. JSON, unlike protocol.py's
 header format, is what any program (C, Rust, a shell with jq) can speak to a
 local socket; it is parsed as strictly as the qrexec protocol: a hard size
 bound first, no duplicate keys, no NaN or Infinity, exactly the keys of the
 message kind, integers that are not booleans, names checked by
-:mod:`..names`, buffer descriptions by :mod:`..formats`. A bad request gets
+:mod:`.names`, buffer descriptions by :mod:`.formats`. A bad request gets
 one :class:`AppProtocolError` (one line) and changes nothing.
 
 Requests (application -> agent), by ``op``:
@@ -37,11 +39,11 @@ import dataclasses
 import json
 from typing import Any, Union
 
-from .. import names
-from ..formats import (BLOB, BlobSpec, BufferMeta, BufferSpec, ImageSpec,
+from . import names
+from .formats import (BLOB, BlobSpec, BufferMeta, BufferSpec, ImageSpec,
                        InvalidLayout, Plane, ReceiveMode, check_spec,
                        validate_meta)
-from ..protocol import MAX_TTL, LeaseEntry, Role, one_line
+from .protocol import MAX_TTL, LeaseEntry, Role, one_line
 
 #: Longest request: every legal one is far smaller.
 MAX_REQUEST = 1024

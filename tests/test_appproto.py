@@ -1,4 +1,4 @@
-"""The application protocol against hostile input (agent/appproto.py).
+"""The application protocol against hostile input (appproto.py).
 
 An application is untrusted: whatever bytes one packet holds, decoding
 either returns a request or raises AppProtocolError with a one-line
@@ -13,7 +13,7 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qubes_gpu_share.agent import appproto as ap
+from qubes_gpu_share import appproto as ap
 from qubes_gpu_share.formats import (BlobSpec, ImageSpec, ReceiveMode,
                                      layout_for)
 from qubes_gpu_share.protocol import Role
