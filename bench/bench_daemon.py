@@ -162,7 +162,36 @@ async def _client(path: str, first: int, step: int, cycles: int) -> None:
         assert released == Ok()
 
 
-def measure(sim: SimSystem, clients: int, cycles: int) -> dict:
+#: Where a cycle's CPU goes, by process group (seconds of user+system
+#: time from /proc): the broker, the providers' agents, the stand-in
+#: qubesd, the simulated hypervisor, and this process's clients.
+CPU_GROUPS = ("broker", "agents", "qubesd", "hypervisor", "clients")
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_group(sim: SimSystem, standin: int | None) -> dict[str, float]:
+    """CPU seconds used so far by each of CPU_GROUPS."""
+    used = dict.fromkeys(CPU_GROUPS, 0.0)
+    for name, process in sim.processes.items():
+        group = "agents" if name.startswith("agent-") else name
+        if group in used:
+            used[group] += _cpu_seconds(process.pid)
+    if standin is not None:
+        used["qubesd"] = _cpu_seconds(standin)
+    used["clients"] = time.process_time()
+    return used
+
+
+def measure(sim: SimSystem, clients: int, cycles: int,
+            standin: int | None = None) -> dict:
     """One run of ``clients`` clients doing ``cycles`` cycles in all."""
     path = str(sim.layout.broker_socket())
     before = _admin(sim, {"op": "stats", "reset": True})
@@ -171,13 +200,18 @@ def measure(sim: SimSystem, clients: int, cycles: int) -> dict:
     async def run() -> None:
         await asyncio.gather(*(_client(path, c, clients, per_client)
                                for c in range(clients)))
+    cpu_before = cpu_by_group(sim, standin)
     started = time.perf_counter()
     asyncio.run(run())
     elapsed = time.perf_counter() - started
+    cpu_after = cpu_by_group(sim, standin)
     after = _admin(sim, {"op": "stats"})
     done = per_client * clients
     qubesd = after["qubesd_calls"]
     return {"cycles_per_s": done / elapsed,
+            "cpu_ms_per_cycle": {
+                group: 1000 * (cpu_after[group] - cpu_before[group]) / done
+                for group in CPU_GROUPS},
             "commits_per_cycle": (after["commits"] - before["commits"])
             / done,
             "qubesd_calls_per_cycle": None if qubesd is None else
@@ -233,7 +267,9 @@ def one_system(workdir: str, size: int, delay_ms: float | None,
                 floors.append(floor_commits(os.path.join(root, "floor.db"),
                                             200))
                 for clients in CLIENTS:
-                    results[clients].append(measure(sim, clients, cycles))
+                    results[clients].append(measure(
+                        sim, clients, cycles,
+                        standin.pid if standin is not None else None))
     finally:
         if standin is not None:
             standin.terminate()
@@ -254,7 +290,10 @@ def one_system(workdir: str, size: int, delay_ms: float | None,
             "lag_p50_ms": Stats.of([s["lag"]["p50_ms"] for s in samples
                                     if s["lag"]]).median,
             "lag_p99_ms": Stats.of([s["lag"]["p99_ms"] for s in samples
-                                    if s["lag"]]).median}
+                                    if s["lag"]]).median,
+            "cpu_ms_per_cycle": {group: Stats.of(
+                [s["cpu_ms_per_cycle"][group] for s in samples]).median
+                for group in CPU_GROUPS}}
     return out
 
 
@@ -303,11 +342,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 "-" if cell["qubesd_calls_per_cycle"] is None
                 else f"{cell['qubesd_calls_per_cycle']:.2f}",
                 f"{cell['lag_p50_ms']:.2f} / {cell['lag_p99_ms']:.2f}",
+                " / ".join(f"{cell['cpu_ms_per_cycle'][group]:.1f}"
+                           for group in CPU_GROUPS),
                 verdict(ratio.median >= GOAL) if clients > 1 else "-"])
     print("cells: median [IQR] (min..max) over runs; lag in ms")
     table(["live", "qubesd/call", "clients", "cycles/s",
            "per floor commit", "commits/cycle", "qubesd calls/cycle",
-           "loop lag p50 / p99", f"goal >= {GOAL} (16 clients)"], rows)
+           "loop lag p50 / p99", "CPU ms/cycle: " + " / ".join(CPU_GROUPS),
+           f"goal >= {GOAL} (16 clients)"], rows)
     data = {"goal": GOAL, "lag_goal_ms": LAG_GOAL_MS,
             "facts": "qubesd" if path is not None else "memory",
             "results": results}
