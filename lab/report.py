@@ -104,7 +104,9 @@ REQUIRED = [
     ("dom0", "drm-cards", {}),
     ("pvh", "kernel-sane", {}),
     *[("liar", "liar-maps", {"what": w})
-      for w in ("try-end", "imp-release", "gntalloc")],
+      for w in ("try-end", "imp-release", "gntalloc", "broker")],
+    ("dom0", "liar-broker-holds", {}),
+    ("dom0", "liar-broker-budget-back", {}),
     ("dom0", "liar-try-end", {}),
     ("dom0", "liar-try-end-defers-nothing", {}),
     *[("dom0", "liar-end-deferred", {"how": h})
@@ -304,12 +306,15 @@ def table(results, versions, boot, discarded=(), checkpatch=None):
             ("the probe in dom0 (+DMABUF+fix): its checks", "dom0", "probe", "statuses"),
             ("contract suite (tests/test_grant_real.py) in dom0 (+DMABUF+fix)", "dom0", "contract-suite", "counts"),
             ("contract suite in the PV domU (+DMABUF+fix)", "pv", "contract-suite", "counts"),
-            ("liar (PV domU) maps 3 buffers of dom0's, says released, keeps them: dom0's provider agent (IMP_TRY_RELEASE) answers", "dom0", "liar-try-end", "reason"),
+            ("liar (PV domU) maps 4 buffers of dom0's (3 from its provider agent, 1 through its broker), says released, keeps them: the provider agent (IMP_TRY_RELEASE) answers", "dom0", "liar-try-end", "reason"),
             ("the same ended with IMP_RELEASE: what the ioctl said / grant-table.c's deferral (dynamic debug lines)", "dom0", "liar-end-deferred", "deferred_lines", {"how": "imp-release"}),
             ("the same with gntalloc's dealloc (the provider agent answers released) / deferral lines", "dom0", "liar-end-deferred", "deferred_lines", {"how": "gntalloc"}),
             ("after 3 s more, the provider agent still answers", "dom0", "liar-still-held", "reason"),
             ("xl destroy liar: seconds until IMP_TRY_RELEASE reports 0 held", "dom0", "liar-destroyed", "try_end_zero_after_s"),
-            ("xl destroy liar: seconds until every deferred ref is freed (free_per_iteration per second)", "dom0", "liar-destroyed", "deferred_freed_after_s")):
+            ("xl destroy liar: seconds until every deferred ref is freed (free_per_iteration per second)", "dom0", "liar-destroyed", "deferred_freed_after_s"),
+            ("a 4th buffer leased through the broker: after the liar's GpuRelease, the admin sees", "dom0", "liar-broker-holds", "waiting"),
+            ("the same: pages charged to dom0's budget / held by the liar", "dom0", "liar-broker-holds", "dom0_pages_used"),
+            ("xl destroy liar: seconds until the broker gives dom0's budget back", "dom0", "liar-broker-budget-back", "budget_back_after_s")):
         fields = extra[0] if extra else {}
         rs = find(results, dom, test, **fields)
         if not rs and dom == "pvh-self" and any(

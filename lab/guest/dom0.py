@@ -380,6 +380,7 @@ def serve_liar(domid, name):
     from qubes_gpu_share.grant.gntdev import GntdevDevice
     from qubes_gpu_share.names import new_lease_id
     from qubes_gpu_share.protocol import ExportRequest
+    from lab_broker import LabBroker
 
     base, pages = L.base(domid), L.LIAR_PAGES
     meta = blob_layout(pages * 4096)
@@ -399,11 +400,29 @@ def serve_liar(domid, name):
         leases[what] = lease
         labio.xs_write(f"{base}/liar/{what}/lease", lease)
         labio.xs_write_ints(f"{base}/liar/{what}/refs", list(answer.refs))
-    labio.xs_write(f"{base}/liar/buffers", ",".join(providers))
+    # a fourth buffer through the project's broker: its arithmetic on the
+    # provider agent's real answer (lab_broker.py)
+    broker = LabBroker(Provider(GntdevDevice(), UdmabufAllocator()), name,
+                       domid)
+    answer = broker.lease(pages)
+    leases["broker"] = answer.lease
+    labio.xs_write(f"{base}/liar/broker/lease", answer.lease)
+    labio.xs_write_ints(f"{base}/liar/broker/refs", list(answer.refs))
+    labio.xs_write(f"{base}/liar/buffers", ",".join([*providers, "broker"]))
     labio.xs_write(f"{base}/ready", 1)
     labio.xs_wait(f"{base}/liar/released", STEP_TIMEOUT)
 
     # the consumer's word says released: dom0 ends the grants
+    state = broker.release(leases["broker"])
+    time.sleep(2)               # the broker retries (0.2 s, then 0.4 ...)
+    view = broker.view(leases["broker"])
+    emit("liar-broker-holds", state == "releasing" and view["state"] ==
+         "releasing" and view["lease_held_pages"] == pages and
+         view["dom0_pages_used"] == pages and view["liar_pages"] == pages
+         and view["dom0_held_pages"] == view["liar_held_pages"] == pages,
+         pages=pages, after_release=state, revokes=len(broker.revokes),
+         note="GpuRelease from the liar; broker's admin view 2 s later",
+         **view)
     dmesg_mark()
     answer = providers["try-end"].revoke(leases["try-end"])
     emit("liar-try-end", answer.status.value == "busy" and
@@ -447,17 +466,29 @@ def serve_liar(domid, name):
     t_try = t_deferred = None
     deadline = time.monotonic() + 120
     all_refs = ended["imp-release"] | ended["gntalloc"]
-    while time.monotonic() < deadline and (t_try is None or t_deferred is None):
+    t_budget = None
+    while time.monotonic() < deadline and None in (t_try, t_deferred,
+                                                   t_budget):
         if t_try is None:
             answer = providers["try-end"].revoke(leases["try-end"])
             if answer.status.value == "released":
                 t_try = time.monotonic() - t0
+        if t_budget is None and \
+                broker.view(leases["broker"])["dom0_pages_used"] == 0:
+            t_budget = time.monotonic() - t0
         if t_deferred is None:
             log = deferred_log()
             if all_refs <= log["refs_freed"]:
                 t_deferred = time.monotonic() - t0
         time.sleep(0.2)
     log = deferred_log()
+    view = broker.view(leases["broker"])
+    emit("liar-broker-budget-back", t_budget is not None and
+         view["state"] == "released", budget_back_after_s=t_budget and
+         round(t_budget, 1), revokes=len(broker.revokes),
+         note="seconds after xl destroy until the broker gave dom0's "
+              "budget back (its retries at most 1 s apart)", **view)
+    broker.close()
     emit("liar-destroyed", t_try is not None and t_deferred is not None,
          destroy_s=round(t_gone, 1),
          try_end_zero_after_s=t_try and round(t_try, 1),
