@@ -38,8 +38,9 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import ClassVar, Union
 
-from . import names
+from . import names, uint
 from .lease import State
+from .oneline import MAX_LEN, one_line
 from .formats import (
     BLOB, MAX_LEASE_PAGES, MAX_PLANES, BlobSpec, BufferMeta, BufferSpec,
     ImageSpec, InvalidLayout, Plane, ReceiveMode, check_spec, validate_meta)
@@ -55,12 +56,10 @@ REF_SIZE = 4
 MAX_DOMID = names.MAX_DOMID
 MAX_TTL = 365 * 24 * 3600
 MAX_DEADLINE = 2**40
-MAX_TEXT = 200
-MAX_UINT_DIGITS = 20
+MAX_TEXT = MAX_LEN
 
 _LINE = re.compile(
     rb"([a-z][a-z0-9-]{0,31})=([\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?)")
-_UINT = re.compile(r"0|[1-9][0-9]{0,%d}" % (MAX_UINT_DIGITS - 1))
 _TOKEN = re.compile(r"[a-z][a-z0-9-]{0,39}")
 _TEXT = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,%d}[\x21-\x7e])?"
                    % (MAX_TEXT - 2))
@@ -156,13 +155,6 @@ def _check_lease(value: str) -> str:
         return names.parse_lease_id(value)
 
 
-def one_line(text: str) -> str:
-    """Make any text a legal Error message: printable ASCII, one line,
-    at most MAX_TEXT characters (for the services that answer errors)."""
-    text = "".join(c if " " <= c <= "~" else "?" for c in str(text))
-    return text.strip()[:MAX_TEXT].strip() or "error"
-
-
 # --- grant refs ----------------------------------------------------------
 
 _REF_TYPECODE = "I" if array.array("I").itemsize == REF_SIZE else "L"
@@ -233,10 +225,11 @@ class GrantRefs(collections.abc.Sequence):
 def _parse_uint(what: str, untrusted_value: str) -> int:
     """Syntax only (digits, no sign, no leading zero, no blanks); ranges
     are checked by the message the number goes into."""
-    if not _UINT.fullmatch(untrusted_value):
+    value = uint.parse_uint(untrusted_value)
+    if value is None:
         raise ProtocolError(
             f"{what} is not a plain decimal number: {untrusted_value[:24]!r}")
-    return int(untrusted_value)
+    return value
 
 
 #
