@@ -716,7 +716,7 @@ def _parse_header(untrusted_data: bytes) -> tuple[type[_Message], _Fields, int]:
     if end < 0:
         raise ProtocolError(
             f"no complete header in the first {MAX_HEADER} bytes")
-    untrusted_lines = untrusted_data[:end].split(b"\n")
+    untrusted_lines = bytes(untrusted_data[:end]).split(b"\n")
     if untrusted_lines[0] != MAGIC:
         raise ProtocolError(f"not a {MAGIC.decode()} message")
     if len(untrusted_lines) < 2 or untrusted_lines[1] not in _BY_TYPE_LINE:
@@ -757,11 +757,13 @@ def _payload_end(cls: type[_Message], fields: _Fields,
     return end
 
 
-def frame_length(untrusted_prefix: bytes) -> int | None:
+def frame_length(untrusted_prefix: bytes | bytearray) -> int | None:
     """Length of the message at the start of a stream, once it has all
     arrived (None before). For connections that carry several messages
     (the offer: OfferRequest then ExportAnswer). Raises ProtocolError as
-    soon as the prefix cannot start a legal message."""
+    soon as the prefix cannot start a legal message. Reads the prefix in
+    place (a reader's growing bytearray is not copied): past the header
+    it looks only at the payload's length, but for a lease list's lines."""
     try:
         cls, fields, start = _parse_header(untrusted_prefix)
     except ProtocolError:
