@@ -14,7 +14,7 @@ export-request (or an error message); the qube writes an export-answer
 ends with a lease-answer (or an error message), the status already sent.
 
 Each handler reads with the bound of the message it expects, decodes with
-protocol.py and calls :class:`.core.Broker`. The caller is the descriptor's
+the protocol and calls :class:`.core.Broker`. The caller is the descriptor's
 source and nothing else. A bad message gets one refusal and changes nothing.
 """
 
