@@ -23,7 +23,7 @@ ROOT = pathlib.Path(__file__).parents[1] / "qubes-gpu-share" / PACKAGE
 #: The pure core: state machine, decisions, messages, metadata, names,
 #: settings. It decides and parses; it never does I/O.
 PURE = ("decide", "lease", "formats", "limits", "names", "qubeinfo",
-        "protocol", "wire", "messages")
+        "protocol", "wire", "messages", "oneline", "uint")
 #: What counts as I/O (standard library and third party).
 IO = {"asyncio", "socket", "subprocess", "sqlite3", "select", "selectors",
       "threading", "os", "io", "mmap", "fcntl", "ctypes", "cffi", "pyudev",
@@ -88,9 +88,9 @@ def test_the_rules_see_the_code():
 
 
 def test_the_pure_core_does_no_io():
-    """decide, lease, formats, limits, names, qubeinfo and the protocol
-    import nothing that does I/O, and nothing of the package but each
-    other."""
+    """decide, lease, formats, limits, names, qubeinfo, the protocol and
+    the text helpers (oneline, uint) import nothing that does I/O, and
+    nothing of the package but each other."""
     pure = {f"{PACKAGE}.{name}" for name in PURE}
 
     def rule(module, name):

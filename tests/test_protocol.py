@@ -116,6 +116,9 @@ def test_frame_length_splits_a_stream(batch):
         length = p.frame_length(stream)
         assert p.frame_length(stream[:length - 1]) is None
         assert p.decode(stream[:length]) == message
+        # a reader's growing buffer is read in place (qrexec/stream.py)
+        assert p.frame_length(bytearray(stream)) == length
+        assert p.decode(bytearray(stream[:length])) == message
         stream = stream[length:]
     assert p.frame_length(stream) is None
 

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qubes_gpu_share.qrexec.descriptor import (
-    MAX_DESCRIPTOR_LEN, DescriptorError, ServiceDescriptor, parse_descriptor)
+    MAX_DESCRIPTOR_LEN, DescriptorError, ServiceDescriptor, is_service_call,
+    parse_descriptor)
 
 
 @pytest.mark.parametrize("line, expected", [
@@ -92,3 +93,18 @@ def test_round_trip(service, argument, source, dom0_form):
     target = ("keyword", "adminvm") if dom0_form else (None, None)
     d = ServiceDescriptor(service, argument, source, *target)
     assert parse_descriptor(d.encode()) == d
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("qubes.GpuExport", True), ("qubes.GpuExport+", True),
+    ("qubes.GpuLease+sys-gpu", True), ("qubes.GpuDeliver+a+b", True),
+    ("x" * 64 + "+arg", True), ("x" * 65, False), ("", False),
+    ("+arg", False), ("bad service", False), ("qubes.Gpu/x", False),
+    ("qubes.GpuLease+sys gpu", False), ("qubes.GpuLease+\u00e9", False),
+])
+def test_is_service_call(name, ok):
+    """The rule a caller's ``SERVICE+ARG`` is checked by (qubes/facts.py)
+    is the descriptor's."""
+    assert is_service_call(name) is ok
+    if ok:
+        parse_descriptor(f"{name} dom0".encode())

@@ -7,6 +7,7 @@ import stat
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from qubes_gpu_share import protocol
 from qubes_gpu_share.qrexec import reply, stream
 from qubes_gpu_share.qrexec.service import SocketServiceServer
 
@@ -164,6 +165,69 @@ def test_fuzz_read_message(chunks, bound):
         assert b"\n" not in data or len(first) > bound
         return
     assert data.startswith(message + b"\n") and len(message) <= bound
+
+
+def _length_prefixed(untrusted_prefix):
+    """A framing for the tests: one length byte, then that many bytes."""
+    if not untrusted_prefix:
+        return None
+    end = 1 + untrusted_prefix[0]
+    return end if len(untrusted_prefix) >= end else None
+
+
+@settings(max_examples=2000)
+@given(st.lists(st.binary(max_size=40), max_size=6), st.integers(0, 80))
+def test_fuzz_read_frame(chunks, bound):
+    async def main():
+        return await stream.read_frame(_feed(chunks), bound, _length_prefixed)
+    data = b"".join(chunks)
+    try:
+        frame = asyncio.run(main())
+    except stream.StreamError:
+        end = _length_prefixed(data)
+        assert end is None or end != len(data) or end > bound
+        return
+    assert data.startswith(frame) and len(frame) <= bound
+    assert _length_prefixed(frame) == len(frame)
+
+
+def test_read_frame_reads_a_dribble_in_one_buffer():
+    """A message that arrives a byte at a time: the framing is asked about
+    the one growing buffer each time, never a copy of it (no cost
+    quadratic in the message)."""
+    message = protocol.encode(protocol.ExportAnswer(
+        protocol.GrantRefs.from_ints(range(1000))))
+    seen = []
+
+    def frame_length(untrusted_prefix):
+        seen.append(untrusted_prefix)
+        return protocol.frame_length(untrusted_prefix)
+
+    class Dribble:
+        def __init__(self):
+            self.left = message
+
+        async def read(self, n):
+            byte, self.left = self.left[:1], self.left[1:]
+            return byte
+
+    async def main():
+        return await stream.read_frame(Dribble(), len(message), frame_length)
+    assert asyncio.run(main()) == message
+    assert len(seen) == len(message) + 1  # before each byte, and after
+    assert all(prefix is seen[0] for prefix in seen)
+
+
+@pytest.mark.parametrize("chunks, why", [
+    ([b"\x03ab"], "end of input inside a message"),
+    ([b"\x02ab", b"c"], "data after the message"),
+    ([b"\x09abcd"], "message over 4 bytes"),
+])
+def test_read_frame_refuses(chunks, why):
+    async def main():
+        return await stream.read_frame(_feed(chunks), 4, _length_prefixed)
+    with pytest.raises(stream.StreamError, match=why):
+        asyncio.run(main())
 
 
 @settings(max_examples=2000)

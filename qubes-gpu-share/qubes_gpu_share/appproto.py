@@ -7,7 +7,7 @@ a ``SOCK_SEQPACKET`` Unix socket, so every message is one packet: no
 framing to get wrong, and a file descriptor travels with the packet it
 belongs to (SCM_RIGHTS).
 
-A message is one JSON object of printable ASCII. JSON, unlike protocol.py's
+A message is one JSON object of printable ASCII. JSON, unlike the protocol's
 header format, is what any program (C, Rust, a shell with jq) can speak to a
 local socket; it is parsed as strictly as the qrexec protocol: a hard size
 bound first, no duplicate keys, no NaN or Infinity, exactly the keys of the

@@ -33,6 +33,7 @@ import dataclasses
 import re
 from collections.abc import Mapping
 
+from . import uint
 from .formats import MAX_LEASE_PAGES, MOD_LINEAR
 
 #: qvm-service names; ``qvm-service QUBE NAME on`` stores feature
@@ -83,17 +84,14 @@ class IntSetting:
         return value
 
 
-_UINT = re.compile(r"0|[1-9][0-9]{0,19}")
-
-
 def parse_uint(untrusted_value: str, feature: str) -> int:
     """Decimal digits only: no sign, no blanks, no leading zeros."""
-    if not isinstance(untrusted_value, str) or \
-            not _UINT.fullmatch(untrusted_value):
+    value = uint.parse_uint(untrusted_value)
+    if value is None:
         raise SettingError(
             f"feature {feature}={str(untrusted_value)[:40]!r} is not a "
             f"plain decimal integer")
-    return int(untrusted_value)
+    return value
 
 
 # Provider: keep the lease pages well clear of the front-ends. Under stock

@@ -13,7 +13,7 @@ a :class:`~..qrexec.call.DuplexCaller`:
 
 The broker answers with the status convention of qrexec/reply.py (``0\\0``
 then the payload, or ``1\\0`` and a reason) once, at the start of its
-answer; the payload is protocol.py messages. On the offer call the broker's
+answer; the payload is protocol messages. On the offer call the broker's
 ExportRequest is a header-only message, so it ends at the blank line; the
 final LeaseAnswer (or Error) ends with the broker's end of output.
 """

@@ -14,7 +14,7 @@ export-request (or an error message); the qube writes an export-answer
 ends with a lease-answer (or an error message), the status already sent.
 
 Each handler reads with the bound of the message it expects, decodes with
-protocol.py and calls :class:`.core.Broker`. The caller is the descriptor's
+the protocol and calls :class:`.core.Broker`. The caller is the descriptor's
 source and nothing else. A bad message gets one refusal and changes nothing.
 """
 
@@ -46,30 +46,11 @@ RELEASE = "qubes.GpuRelease"
 LEASES = "qubes.GpuLeases"
 #: How long an offering qube may take to grant, once asked.
 OFFER_EXPORT_TIMEOUT = 15.0
-_CHUNK = 65536
 
 
 def refusal(code: str, message: str) -> bytes:
     """A refused call's answer: status 0 and an error message."""
     return reply.ok_reply(protocol.encode(Error.of(code, message)))
-
-
-async def read_frame(reader: asyncio.StreamReader, max_len: int) -> bytes:
-    """One protocol message from a stream that stays open (the offer),
-    bounded by ``max_len``; nothing may follow it before our answer."""
-    untrusted_data = bytearray()  # (appending to bytes would copy it all)
-    while True:
-        end = protocol.frame_length(bytes(untrusted_data))
-        if end is not None:
-            if end != len(untrusted_data):
-                raise protocol.ProtocolError("data after the message")
-            return bytes(untrusted_data)
-        if len(untrusted_data) >= max_len:
-            raise protocol.ProtocolError(f"message over {max_len} bytes")
-        chunk = await reader.read(min(_CHUNK, max_len - len(untrusted_data)))
-        if not chunk:
-            raise protocol.ProtocolError("end of input inside a message")
-        untrusted_data += chunk
 
 
 class BrokerServices:
@@ -142,8 +123,9 @@ class BrokerServices:
                         writer) -> None:
         turns = _OfferTurns(reader, writer)
         try:
-            untrusted_body = await read_frame(
-                reader, protocol.max_size_for(OfferRequest))
+            untrusted_body = await stream.read_frame(
+                reader, protocol.max_size_for(OfferRequest),
+                protocol.frame_length)
             request = protocol.decode(untrusted_body, OfferRequest)
             answer = await self.broker.offer(descriptor.source,
                                              descriptor.argument, request,
@@ -222,14 +204,16 @@ class _OfferTurns:
         self._reader.allow(OFFER_EXPORT_TIMEOUT)
         try:
             await stream.within(OFFER_EXPORT_TIMEOUT, self._writer.drain())
-            untrusted_answer = await read_frame(
+            untrusted_answer = await stream.read_frame(
                 self._reader, protocol.max_size_for(
-                    ExportAnswer, refs=request.meta.pages))
+                    ExportAnswer, refs=request.meta.pages),
+                protocol.frame_length)
             answer = protocol.decode(untrusted_answer, ExportAnswer, Error)
         except (asyncio.TimeoutError, stream.InputTimeout):
             raise AgentCallError("timeout", "the offering qube did not grant in "
                              f"{OFFER_EXPORT_TIMEOUT:g} s") from None
-        except (protocol.ProtocolError, ConnectionError) as exc:
+        except (protocol.ProtocolError, stream.StreamError,
+                ConnectionError) as exc:
             raise AgentCallError("bad-answer", protocol.one_line(exc)) from None
         if isinstance(answer, Error):
             raise AgentCallError(answer.code, answer.message, answered=True)

@@ -46,6 +46,14 @@ _DOM0_UUID = "uuid:00000000-0000-0000-0000-000000000000"
 TARGET_TYPES = ("name", "keyword")
 
 
+def is_service_call(name: str) -> bool:
+    """Whether ``name`` is ``SERVICE`` or ``SERVICE+ARG`` as qrexec names a
+    call: the same rules as the descriptor's first field (what a caller
+    asks qrexec for is what the service will be told)."""
+    service, _plus, argument = name.partition("+")
+    return bool(_SERVICE.fullmatch(service) and _ARGUMENT.fullmatch(argument))
+
+
 class DescriptorError(ValueError):
     """A service descriptor that is not what qrexec writes."""
 

@@ -16,10 +16,12 @@ denied, 125 qrexec trouble, 127 no such service), see :mod:`.call`.
 
 from __future__ import annotations
 
+from ..oneline import MAX_LEN, one_line
+
 OK_PREFIX = b"0\0"
 ERROR_PREFIX = b"1\0"
 #: Longest reason passed on; a reason is one line for a log and a terminal.
-MAX_REASON_LEN = 200
+MAX_REASON_LEN = MAX_LEN
 
 
 class ServiceRefused(Exception):
@@ -57,6 +59,4 @@ def parse_reply(untrusted_output: bytes) -> bytes:
 
 def _one_line(text: str) -> str:
     """Printable ASCII only, one line, bounded: safe to log and print."""
-    text = text.strip()
-    clean = "".join(c if " " <= c <= "~" else "_" for c in text)
-    return clean[:MAX_REASON_LEN] or "refused"
+    return one_line(text, limit=MAX_REASON_LEN, mark="_", empty="refused")

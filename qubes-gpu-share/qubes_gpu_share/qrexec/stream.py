@@ -5,9 +5,11 @@ reads the caller's request, a caller reads the service's answer. Neither may
 let the other make it buffer without limit, so every read here has a hard
 maximum and fails with :class:`StreamError` (one line) instead of growing.
 
-Two shapes are needed: a one-shot body that ends at EOF (the caller shuts
-down its write side), and one message of a multi-turn conversation (the
-offer flow), which ends at a terminator byte while the stream stays open.
+Three shapes are needed: a one-shot body that ends at EOF (the caller
+shuts down its write side), and one message of a multi-turn conversation,
+which ends at a terminator byte (:func:`read_message`) or where its own
+framing says (:func:`read_frame`, the offer flow's protocol messages)
+while the stream stays open.
 
 Size is one bound, time the other: a peer that sends one byte a second
 stays under every size limit while it holds a connection (and a file
@@ -18,7 +20,7 @@ likes. :class:`DeadlineReader` gives a whole input one deadline.
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, TypeVar
+from typing import Awaitable, Callable, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -116,3 +118,34 @@ async def read_message(reader: asyncio.StreamReader, max_len: int,
     if len(untrusted_message) > max_len:
         raise StreamError(f"message longer than {max_len} bytes")
     return untrusted_message
+
+
+async def read_frame(reader: asyncio.StreamReader, max_len: int,
+                     frame_length: Callable[[bytearray], Optional[int]]
+                     ) -> bytes:
+    """Read one framed message from a stream that stays open; nothing may
+    follow it before our answer.
+
+    ``frame_length`` (e.g. :func:`..protocol.frame_length`) tells the
+    length of the message at the start of what arrived so far, or None
+    while it is incomplete, and raises on what cannot start a message.
+    What arrived is kept in one growing buffer that it reads in place, so
+    reading costs what the message is long, as long as ``frame_length``
+    costs no more than a header (the protocol's does, for every message
+    but the lease list, which no conversation carries). More than
+    *max_len* bytes, an early EOF or data after the message raise
+    :class:`StreamError`.
+    """
+    untrusted_data = bytearray()
+    while True:
+        end = frame_length(untrusted_data)
+        if end is not None:
+            if end != len(untrusted_data):
+                raise StreamError("data after the message")
+            return bytes(untrusted_data)
+        if len(untrusted_data) >= max_len:
+            raise StreamError(f"message over {max_len} bytes")
+        chunk = await reader.read(min(_CHUNK, max_len - len(untrusted_data)))
+        if not chunk:
+            raise StreamError("end of input inside a message")
+        untrusted_data += chunk

@@ -26,6 +26,7 @@ import qubesadmin.config
 import qubesadmin.events
 import qubesadmin.exc
 
+from ..oneline import one_line
 from ..qrexec import call
 from .facts import QubesFactsError, ServiceCallError
 from ..qubeinfo import ServiceResult
@@ -101,5 +102,4 @@ def _strings(kwargs: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text[:200]
+    return one_line(err, empty=type(err).__name__)

@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import re
 from collections.abc import AsyncIterator, Callable
 
 from ..names import parse_qube_name
+from ..qrexec.descriptor import is_service_call
 from ..qubeinfo import Domain, EventKind, QubeEvent, QubeInfo, ServiceResult
-
-#: qrexec's characters for a service name with its argument.
-_SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9+._-]{0,63}")
 
 
 class QubesFactsError(Exception):
@@ -138,7 +135,7 @@ class QubesFacts(abc.ABC):
         bounds the call itself (broker/agents.py).
         """
         parse_qube_name(qube)
-        if not _SERVICE.fullmatch(service):
+        if not is_service_call(service):
             raise ValueError(f"invalid qrexec service name {service!r}")
         try:
             result = await asyncio.wait_for(
