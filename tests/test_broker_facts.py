@@ -266,3 +266,28 @@ def test_a_dead_task_stops_the_broker(tmp_path, which):
     message = asyncio.run(main())
     assert ("event follower" if which == "events" else "expiry timer") \
         in message
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2])
+def test_the_expiry_timer_stops_when_woken_as_it_is_cancelled(tmp_path,
+                                                               turns):
+    """A new deadline (a grant) in the turn the daemon stops: the expiry
+    timer still ends at once (Python 3.11's wait_for returned the wake-up
+    and dropped the cancellation, and the daemon's stop waited for the
+    next deadline)."""
+    broker, _model, _agents, _clock = make_broker(tmp_path, qubes=QUBES)
+
+    async def main():
+        follower = Follower(broker)
+        runner = asyncio.create_task(follower.run())
+        await asyncio.wait_for(follower.ready.wait(), 5)
+        await asyncio.sleep(0.05)  # the timer waits for its next deadline
+        broker.deadline_changed.set()
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        runner.cancel()
+        done, _pending = await asyncio.wait({runner}, timeout=2)
+        broker.close()
+        return bool(done)
+
+    assert asyncio.run(main())

@@ -135,8 +135,9 @@ class Agents:
         max_output = max_len + len(reply.OK_PREFIX)
         self.pending[qube] += 1
         try:
-            status, untrusted_output = await asyncio.wait_for(
-                self._in_slot(qube, service, payload, max_output), timeout)
+            # in this task (stream.within), not wait_for's task of its own
+            status, untrusted_output = await stream.within(
+                timeout, self._in_slot(qube, service, payload, max_output))
             call.raise_for_status(status, qube, service)
         except asyncio.TimeoutError:
             raise AgentCallError("timeout", f"{service} in {qube} did not "

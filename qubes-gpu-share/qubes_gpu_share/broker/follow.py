@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 
+from ..qrexec.stream import within
 from ..qubes.facts import EventStream, QubesFactsError
 from ..qubeinfo import EventKind, QubeEvent
 from .core import Broker
@@ -133,6 +134,10 @@ class Follower:
             upcoming = broker.registry.next_deadline()
             delay = EXPIRY_IDLE if upcoming is None else \
                 upcoming - broker.clock()
+            # stream.within, not wait_for: Python 3.11's wait_for returns
+            # (and swallows the task's cancellation) when the event is set
+            # in the turn the task is cancelled, and the timer would go on
+            # waiting; it also needs no task of its own per wake
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(broker.deadline_changed.wait(),
-                                       min(max(delay, 0.01), EXPIRY_IDLE))
+                await within(min(max(delay, 0.01), EXPIRY_IDLE),
+                             broker.deadline_changed.wait())

@@ -67,6 +67,7 @@ _MAX_ANSWER = 1 << 20
 _PROPERTY = re.compile(rb"([a-z_][a-z0-9_]{0,63}) default=(True|False) "
                        rb"type=([a-z]{1,16})(?: (.*))?")
 _START_TIME = re.compile(r"[0-9]{1,20}(\.[0-9]{1,9})?")
+_ESCAPED = re.compile(r"\\(.)")
 
 
 class QubesdError(QubesFactsError):
@@ -152,8 +153,10 @@ def _ascii(data: bytes) -> str:
 
 
 def _unescape(value: str) -> str:
-    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n"
-                  else m.group(1), value)
+    if "\\" not in value:  # most values: nothing escaped
+        return value
+    return _ESCAPED.sub(lambda m: "\n" if m.group(1) == "n"
+                        else m.group(1), value)
 
 
 # -- the snapshots -----------------------------------------------------------
