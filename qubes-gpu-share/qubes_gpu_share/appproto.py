@@ -43,7 +43,8 @@ from . import names
 from .formats import (BLOB, BlobSpec, BufferMeta, BufferSpec, ImageSpec,
                        InvalidLayout, Plane, ReceiveMode, check_spec,
                        validate_meta)
-from .protocol import MAX_TTL, LeaseEntry, Role, one_line
+from .oneline import one_line
+from .protocol import MAX_TTL, LeaseEntry, Role
 
 #: Longest request: every legal one is far smaller.
 MAX_REQUEST = 1024

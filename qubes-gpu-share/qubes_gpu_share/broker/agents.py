@@ -20,6 +20,7 @@ import collections
 import dataclasses
 
 from .. import protocol, unixserver
+from ..oneline import one_line
 from ..names import DOM0
 from ..protocol import (Error, ExportAnswer, ExportRequest, GrantRefs,
                         LeaseAnswer, Ok, Role, RevokeAnswer, RevokeRequest)
@@ -145,7 +146,7 @@ class Agents:
         except (QubesFactsError, call.QrexecCallError, OSError,
                 stream.StreamError) as exc:
             raise AgentCallError("unreachable", f"{service} in {qube}: "
-                             f"{protocol.one_line(exc)}") from None
+                             f"{one_line(exc)}") from None
         finally:
             self.pending[qube] -= 1
             if not self.pending[qube]:

@@ -36,6 +36,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from .. import formats, limits, protocol
+from ..oneline import one_line
 from ..formats import BufferMeta, ReceiveMode
 from ..groupcommit import GroupCommit
 from ..lease import FINAL, Initiator, Lease, State, advance
@@ -465,13 +466,13 @@ class Broker:
                     refs: GrantRefs | tuple = ()) -> Lease:
         """A change that is durable when this returns."""
         return (await self.commits.apply([
-            Transition(lease.id, state, protocol.one_line(reason),
+            Transition(lease.id, state, one_line(reason),
                        tuple(refs))]))[0]
 
     def _move_later(self, lease: Lease, state: State, reason: str, *,
                     refs: GrantRefs | tuple = ()) -> Lease:
         """A change that rides on the next commit (GroupCommit.later)."""
-        reason = protocol.one_line(reason)
+        reason = one_line(reason)
         moved = advance(lease, state, reason=reason, now=self.clock(),
                         refs=refs)
         self.commits.later(Transition(lease.id, state, reason, tuple(refs)),

@@ -7,7 +7,7 @@ answer every refusal and log it to the audit trail.
 
 from __future__ import annotations
 
-from .. import protocol
+from ..oneline import one_line
 from ..lease import Lease
 from .audit import lease_fields
 
@@ -24,5 +24,5 @@ class Refused(Exception):
                  **about):
         super().__init__(f"{code}: {message}")
         self.code = code
-        self.message = protocol.one_line(message)
+        self.message = one_line(message)
         self.about = lease_fields(lease) if lease is not None else about

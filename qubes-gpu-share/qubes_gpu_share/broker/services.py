@@ -25,6 +25,7 @@ import dataclasses
 import logging
 
 from .. import limits, protocol
+from ..oneline import one_line
 from ..names import DOM0
 from ..protocol import (Error, ExportAnswer, ExportRequest, GrantRefs,
                         LeaseRequest, ListRequest, OfferRequest, Ok,
@@ -155,7 +156,7 @@ class BrokerServices:
         """The audit line of a refusal (every one passes here), naming
         the call and its caller; the parties the request named unless the
         broker knows better (``about``, from :class:`.refusal.Refused`)."""
-        message = protocol.one_line(message)
+        message = one_line(message)
         audit.decision("refused", **{**_named_parties(descriptor),
                                      **(about or {})},
                        reason=f"{code}: {message} "
@@ -214,7 +215,7 @@ class _OfferTurns:
                              f"{OFFER_EXPORT_TIMEOUT:g} s") from None
         except (protocol.ProtocolError, stream.StreamError,
                 ConnectionError) as exc:
-            raise AgentCallError("bad-answer", protocol.one_line(exc)) from None
+            raise AgentCallError("bad-answer", one_line(exc)) from None
         if isinstance(answer, Error):
             raise AgentCallError(answer.code, answer.message, answered=True)
         try:

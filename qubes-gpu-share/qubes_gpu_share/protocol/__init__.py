@@ -35,7 +35,6 @@ decodes, to an equal message.
 """
 
 from ..formats import ReceiveMode
-from ..oneline import one_line
 from .agent_calls import ExportAnswer, ExportRequest, RevokeAnswer, \
     RevokeRequest
 from .fields import (MAX_DEADLINE, MAX_DOMID, MAX_TEXT, MAX_TTL,
@@ -58,4 +57,4 @@ __all__ = [
     "Message", "MessageType", "OfferRequest", "Ok", "ProtocolError",
     "REF_SIZE", "ReceiveMode", "ReleaseRequest", "RevokeAnswer",
     "RevokeRequest", "RevokeStatus", "Role", "_Message", "decode",
-    "encode", "frame_length", "max_size_for", "one_line"]
+    "encode", "frame_length", "max_size_for"]
