@@ -105,8 +105,7 @@ class LabBroker:
 
     def view(self, lease_id):
         """What the admin sees: the lease (show) and both budgets."""
-        async def both():
-            await self.broker.commits.flush()
+        async def both():   # (the admin's reads flush pending commits)
             shown = await self.admin.handle({"op": "show", "id": lease_id})
             budgets = await self.admin.handle({"op": "budgets"})
             return shown, budgets
