@@ -161,6 +161,44 @@ def test_current_domain_is_one_call():
     assert vault is None and calls == 2
 
 
+def test_concurrent_reads_of_one_qube_share_one_call():
+    """16 decisions about one qube at once: one GetAll, not 16."""
+    facts, model, standin = facts_over()
+    standin.delay = 0.01
+
+    async def main():
+        before = facts.calls
+        domains = await asyncio.gather(
+            *(facts.current_domain("work") for _ in range(16)))
+        return domains, facts.calls - before
+
+    domains, calls = asyncio.run(main())
+    assert calls == 1 and {d.xid for d in domains} == \
+        {model.peek("work").xid}
+
+
+def test_a_caller_after_a_restart_never_gets_the_read_before_it():
+    """A read under way when the qube restarts is not shared with a caller
+    who asks after the restart: that caller gets a read of its own."""
+    facts, model, standin = facts_over()
+    standin.delay = 0.05
+
+    async def main():
+        early = asyncio.ensure_future(facts.current_domain("work"))
+        while facts.calls == 0:  # the read is with qubesd
+            await asyncio.sleep(0.001)
+        old = model.peek("work").xid
+        model.stop("work")
+        model.start("work")
+        late = await facts.current_domain("work")
+        return old, await early, late, model.peek("work").xid, facts.calls
+
+    old, early, late, new, calls = asyncio.run(main())
+    # (the early read answers after its delay: either run)
+    assert old != new and early.xid in (old, new)
+    assert late.xid == new and calls == 2
+
+
 # -- the events connection ---------------------------------------------
 
 def test_a_break_in_the_middle_of_an_event_is_a_lost_connection():

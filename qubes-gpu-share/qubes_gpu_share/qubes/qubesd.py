@@ -9,7 +9,9 @@ with that subject). Only while the events connection is up: after a break
 nothing cached is trusted, and every read goes to qubesd again until the
 connection is back (``connection-established`` clears everything). What a
 grant must not get wrong, the domain id and run of each side, is read
-fresh at grant time with one call per qube (:meth:`current_domain`).
+fresh at grant time with one call per qube (:meth:`current_domain`);
+decisions about the same qube at once share reads that started after they
+asked (:mod:`.freshreads`).
 
 Blocking calls run on a small pool of their own (never asyncio's default
 executor, which other work shares): a slow qubesd delays the decisions that
@@ -36,6 +38,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from ..names import DOM0, InvalidName, parse_qube_name
 from .facts import (QubesFacts, QubesFactsError, QueuedEventStream,
                     ServiceCallError)
+from .freshreads import FreshReads
 from ..qubeinfo import (ADMIN_VM, VIRT_MODES, Domain, EventKind, PowerState,
                    QubeEvent, QubeInfo, ServiceResult)
 
@@ -237,6 +240,11 @@ class QubesdFacts(QubesFacts):
         self._calls_lock = threading.Lock()
         #: qubesd round trips made so far (the benchmark reports them)
         self.calls = 0
+        #: concurrent decisions about one qube share reads (freshreads.py)
+        self._reads: FreshReads[str, QubeInfo | None] = \
+            FreshReads(self._read_qube)
+        self._domains: FreshReads[str, Domain | None] = \
+            FreshReads(self._read_domain)
 
     # -- reads --
 
@@ -273,16 +281,24 @@ class QubesdFacts(QubesFacts):
         hit, info = self.snapshots.get(name)
         if hit:
             return info
+        return await self._reads.get(name)
+
+    async def current_domain(self, name: str) -> Domain | None:
+        """The qube's domain now, from one call (GetAll: xid and
+        start_time) that started after this one; concurrent callers about
+        the same qube share it."""
+        if name == DOM0:
+            return Domain(0)
+        return await self._domains.get(name)
+
+    async def _read_qube(self, name: str) -> QubeInfo | None:
         token = self.snapshots.token(name)
         info = await asyncio.get_running_loop().run_in_executor(
             self._pool, self.qube, name)
         self.snapshots.put(name, info, token)
         return info
 
-    async def current_domain(self, name: str) -> Domain | None:
-        """One call: the qube's domain now (GetAll: xid and start_time)."""
-        if name == DOM0:
-            return Domain(0)
+    async def _read_domain(self, name: str) -> Domain | None:
         data = await asyncio.get_running_loop().run_in_executor(
             self._pool, self._ask, name, "admin.vm.property.GetAll")
         xid, start = domain_of(parse_properties(data), PowerState.RUNNING,

@@ -1,0 +1,118 @@
+"""Shared fresh reads (qubes/freshreads.py): callers share a read only if
+it started after they asked; errors and cancellations stay contained."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+import pytest
+
+from qubes_gpu_share.qubes.freshreads import FreshReads
+
+
+class Source:
+    """A read that takes one event-loop wait, numbering its reads."""
+
+    def __init__(self, fail_at: int = 0):
+        self.started = 0
+        self.fail_at = fail_at
+        self.gate = asyncio.Event()
+
+    async def read(self, key: str) -> tuple[str, int]:
+        self.started += 1
+        number = self.started
+        await self.gate.wait()
+        if number == self.fail_at:
+            raise OSError(f"read {number} failed")
+        return key, number
+
+
+def test_a_caller_alone_pays_one_read_each_time():
+    async def main():
+        source = Source()
+        source.gate.set()
+        reads = FreshReads(source.read)
+        got = [await reads.get("gpu") for _ in range(3)]
+        return got, reads.reads, reads.callers
+
+    assert asyncio.run(main()) == ([("gpu", 1), ("gpu", 2), ("gpu", 3)],
+                                   3, 3)
+
+
+def test_late_callers_share_the_next_read_never_the_running_one():
+    async def main():
+        source = Source()
+        reads = FreshReads(source.read)
+        first = asyncio.ensure_future(reads.get("gpu"))
+        early = asyncio.ensure_future(reads.get("gpu"))
+        await asyncio.sleep(0)  # both asked; read 1 created, not begun
+        await asyncio.sleep(0)  # read 1 is under way
+        assert source.started == 1
+        late = [asyncio.ensure_future(reads.get("gpu")) for _ in range(15)]
+        other = asyncio.ensure_future(reads.get("app"))
+        await asyncio.sleep(0)
+        source.gate.set()
+        return (await first, await early, await asyncio.gather(*late),
+                await other, reads.reads, reads.callers, len(reads))
+
+    first, early, late, other, made, callers, running = asyncio.run(main())
+    # a caller that asked before the read began shares it
+    assert first == early == ("gpu", 1)
+    # read 2 started after all 15 asked; read 3 is the other key's
+    assert set(late) == {("gpu", 3)} or set(late) == {("gpu", 2)}
+    assert other[0] == "app" and other[1] != late[0][1]
+    assert made == 3 and callers == 18 and running == 0
+
+
+def test_an_error_reaches_every_caller_that_shared_the_read():
+    async def main():
+        source = Source(fail_at=2)
+        reads = FreshReads(source.read)
+        first = asyncio.ensure_future(reads.get("gpu"))
+        for _ in range(2):
+            await asyncio.sleep(0)
+        late = [asyncio.ensure_future(reads.get("gpu")) for _ in range(3)]
+        source.gate.set()
+        results = await asyncio.gather(first, *late, return_exceptions=True)
+        after = await reads.get("gpu")  # the key is not stuck
+        return results, after
+
+    results, after = asyncio.run(main())
+    assert results[0] == ("gpu", 1)
+    assert all(isinstance(r, OSError) and "read 2" in str(r)
+               for r in results[1:])
+    assert after == ("gpu", 3)
+
+
+def test_a_cancelled_caller_leaves_the_shared_read_to_the_others():
+    async def main():
+        source = Source()
+        reads = FreshReads(source.read)
+        quitter = asyncio.ensure_future(reads.get("gpu"))
+        stayer = asyncio.ensure_future(reads.get("gpu"))
+        await asyncio.sleep(0)  # both asked before the read began: shared
+        quitter.cancel()
+        source.gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await quitter
+        return await stayer, reads.reads
+
+    assert asyncio.run(main()) == (("gpu", 1), 1)
+
+
+def test_a_failed_read_nobody_waits_for_warns_of_nothing(recwarn, caplog):
+    async def main():
+        source = Source(fail_at=1)
+        reads = FreshReads(source.read)
+        gone = asyncio.ensure_future(reads.get("gpu"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        source.gate.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(reads) == 0
+
+    asyncio.run(main())
+    gc.collect()
+    assert "never retrieved" not in caplog.text
