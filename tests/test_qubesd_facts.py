@@ -247,17 +247,26 @@ def test_a_follower_that_dies_ends_the_stream():
 
 # -- the broker over it ----------------------------------------------------
 
-def test_qubesd_calls_per_decision_in_steady_state(tmp_path):
-    """Issue 15: at most 3 per decision on average (here: 2, each side's
-    domain read fresh); a refusal on snapshots costs none."""
+REQUEST = LeaseRequest(BlobSpec(4096), ReceiveMode.CPU, 60)
+
+
+def broker_over_qubesd(tmp_path, delay: float = 0.0):
+    """The test broker, its facts read from the stand-in qubesd."""
     broker, _m, _agents, _clock = make_broker(tmp_path)
     model = broker.facts
-    standin = StandInQubesd(model)
+    standin = StandInQubesd(model, delay=delay)
     facts = QubesdFacts(standin.call, standin.listen,
                         service_handler=model._service_handler)
     broker.facts = broker.admission.facts = facts
     broker.agents._facts = facts
-    request = LeaseRequest(BlobSpec(4096), ReceiveMode.CPU, 60)
+    return broker, facts
+
+
+def test_qubesd_calls_per_decision_in_steady_state(tmp_path):
+    """Issue 15: at most 3 per decision on average (here: 2, each side's
+    domain read fresh); a refusal on snapshots costs none."""
+    broker, facts = broker_over_qubesd(tmp_path)
+    request = REQUEST
 
     async def main():
         follower = Follower(broker)
@@ -281,3 +290,34 @@ def test_qubesd_calls_per_decision_in_steady_state(tmp_path):
 
     per_cycle, refused = asyncio.run(main())
     assert per_cycle == 2 and refused == 0
+
+
+def test_a_flood_from_one_qube_costs_qubesd_a_read_at_a_time(tmp_path):
+    """16 requests at once from one consumer to one provider: they share
+    each side's fresh read (at most the running one and the next per
+    qube), so a flooding qube cannot queue 32 reads in qubesd, which every
+    Qubes tool waits for too."""
+    broker, facts = broker_over_qubesd(tmp_path, delay=0.005)
+
+    async def main():
+        follower = Follower(broker)
+        runner = asyncio.create_task(follower.run())
+        await follower.ready.wait()
+        answer = await broker.lease("work", "sys-gpu", REQUEST)  # warm-up
+        await broker.release("work", answer.lease)
+        before = facts.calls
+        answers = await asyncio.gather(
+            *(broker.lease("work", "sys-gpu", REQUEST) for _ in range(16)),
+            return_exceptions=True)
+        calls = facts.calls - before
+        for answer in answers:
+            if not isinstance(answer, Exception):
+                await broker.release("work", answer.lease)
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        broker.close()
+        return answers, calls
+
+    answers, calls = asyncio.run(main())
+    granted = [a for a in answers if not isinstance(a, Exception)]
+    assert granted and calls <= 4
