@@ -8,6 +8,7 @@ tests/test_qubes_admin.py, where Qubes' library is present."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -262,31 +263,39 @@ def broker_over_qubesd(tmp_path, delay: float = 0.0):
     return broker, facts
 
 
+@contextlib.asynccontextmanager
+async def warm(broker):
+    """The broker following qubesd's events, every snapshot it needs read
+    (one lease cycle), closed at the end."""
+    follower = Follower(broker)
+    runner = asyncio.create_task(follower.run())
+    try:
+        await follower.ready.wait()
+        answer = await broker.lease("work", "sys-gpu", REQUEST)
+        await broker.release("work", answer.lease)
+        yield
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        broker.close()
+
+
 def test_qubesd_calls_per_decision_in_steady_state(tmp_path):
     """Issue 15: at most 3 per decision on average (here: 2, each side's
     domain read fresh); a refusal on snapshots costs none."""
     broker, facts = broker_over_qubesd(tmp_path)
-    request = REQUEST
 
     async def main():
-        follower = Follower(broker)
-        runner = asyncio.create_task(follower.run())
-        await follower.ready.wait()
-        answer = await broker.lease("work", "sys-gpu", request)  # warm-up
-        await broker.release("work", answer.lease)
-        before = facts.calls
-        for _ in range(10):
-            answer = await broker.lease("work", "sys-gpu", request)
-            await broker.release("work", answer.lease)
-        per_cycle = (facts.calls - before) / 10
-        before = facts.calls
-        with pytest.raises(Exception):
-            await broker.lease("sys-gpu", "work", request)  # no service
-        refused = facts.calls - before
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        broker.close()
-        return per_cycle, refused
+        async with warm(broker):
+            before = facts.calls
+            for _ in range(10):
+                answer = await broker.lease("work", "sys-gpu", REQUEST)
+                await broker.release("work", answer.lease)
+            per_cycle = (facts.calls - before) / 10
+            before = facts.calls
+            with pytest.raises(Exception):
+                await broker.lease("sys-gpu", "work", REQUEST)  # no service
+            return per_cycle, facts.calls - before
 
     per_cycle, refused = asyncio.run(main())
     assert per_cycle == 2 and refused == 0
@@ -300,23 +309,16 @@ def test_a_flood_from_one_qube_costs_qubesd_a_read_at_a_time(tmp_path):
     broker, facts = broker_over_qubesd(tmp_path, delay=0.005)
 
     async def main():
-        follower = Follower(broker)
-        runner = asyncio.create_task(follower.run())
-        await follower.ready.wait()
-        answer = await broker.lease("work", "sys-gpu", REQUEST)  # warm-up
-        await broker.release("work", answer.lease)
-        before = facts.calls
-        answers = await asyncio.gather(
-            *(broker.lease("work", "sys-gpu", REQUEST) for _ in range(16)),
-            return_exceptions=True)
-        calls = facts.calls - before
-        for answer in answers:
-            if not isinstance(answer, Exception):
-                await broker.release("work", answer.lease)
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        broker.close()
-        return answers, calls
+        async with warm(broker):
+            before = facts.calls
+            answers = await asyncio.gather(
+                *(broker.lease("work", "sys-gpu", REQUEST)
+                  for _ in range(16)), return_exceptions=True)
+            calls = facts.calls - before
+            for answer in answers:
+                if not isinstance(answer, Exception):
+                    await broker.release("work", answer.lease)
+            return answers, calls
 
     answers, calls = asyncio.run(main())
     granted = [a for a in answers if not isinstance(a, Exception)]
