@@ -66,7 +66,7 @@ def one_line_refusal(result, code: str) -> None:
     assert result.returncode == 1, result
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1
-    assert result.stderr.startswith(f"qubes-gpu-share ")
+    assert result.stderr.startswith("qubes-gpu-share ")
     assert result.stderr.endswith(f"({code})\n")
 
 

@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 
 from ..alloc.base import AllocationError, fd_kind, fd_size
 from ..alloc.memfd import create_sealed_memfd
