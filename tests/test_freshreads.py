@@ -116,3 +116,29 @@ def test_a_failed_read_nobody_waits_for_warns_of_nothing(recwarn, caplog):
     asyncio.run(main())
     gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+def test_the_loop_ending_starts_no_new_read():
+    """A read cancelled (the loop ends) cancels its late callers too,
+    instead of starting a read nobody will wait for."""
+    async def main():
+        source = Source()
+        reads = FreshReads(source.read)
+        first = asyncio.ensure_future(reads.get("gpu"))
+        for _ in range(2):
+            await asyncio.sleep(0)
+        late = asyncio.ensure_future(reads.get("gpu"))
+        await asyncio.sleep(0)
+        for task in asyncio.all_tasks():
+            if task is not asyncio.current_task() and \
+                    task not in (first, late):
+                task.cancel()  # the read itself
+        done, _ = await asyncio.wait((first, late), timeout=1)
+        results = [task.exception() if not task.cancelled()
+                   else asyncio.CancelledError() for task in done]
+        return results + [None] * (2 - len(done)), source.started, \
+            len(reads)
+
+    results, started, running = asyncio.run(main())
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    assert started == 1 and running == 0

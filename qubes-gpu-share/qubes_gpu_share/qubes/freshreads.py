@@ -80,7 +80,11 @@ class FreshReads(Generic[K, V]):
             future.set_result(task.result())
         del self._running[key]
         waiting = self._next.pop(key, None)
-        if waiting is not None:
+        if waiting is None:
+            return
+        if task.cancelled():  # only the loop's end cancels a read
+            waiting.cancel()
+        else:
             self._start(key, waiting)
 
     def __len__(self) -> int:
