@@ -17,21 +17,42 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import BENCH_DIR, RESULTS  # noqa: E402
 
 
-def broker(ax, data) -> None:
-    variants = list(data["results"][0]["ratios"])
-    sizes = [r["live"] for r in data["results"]]
-    width = 0.8 / len(variants)
-    for i, name in enumerate(variants):
-        med = [r["ratios"][name]["median"] for r in data["results"]]
-        err = [[m - r["ratios"][name]["q1"] for m, r in zip(med, data["results"])],
-               [r["ratios"][name]["q3"] - m for m, r in zip(med, data["results"])]]
+def _grouped(ax, sizes, series, goal: float, title: str) -> None:
+    """Bars per live-lease count, one per series ({label: [Stats dict per
+    size]}), interquartile range as error bars, the goal as a line."""
+    width = 0.8 / len(series)
+    for i, (label, stats) in enumerate(series.items()):
+        med = [s["median"] for s in stats]
+        err = [[m - s["q1"] for m, s in zip(med, stats)],
+               [s["q3"] - m for m, s in zip(med, stats)]]
         ax.bar([x + i * width for x in range(len(sizes))], med, width,
-               yerr=err, label=name)
-    ax.axhline(data["goal"], color="red", ls="--", label=f"goal {data['goal']}")
-    ax.set_xticks([x + width for x in range(len(sizes))],
-                  [f"{s:,}" for s in sizes])
-    ax.set(title="1. broker: cycles per floor commit", xlabel="live leases")
+               yerr=err, label=label)
+    ax.axhline(goal, color="red", ls="--", label=f"goal {goal}")
+    ax.set_xticks([x + width * (len(series) - 1) / 2
+                   for x in range(len(sizes))], [f"{s:,}" for s in sizes])
+    ax.set(title=title, xlabel="live leases")
     ax.legend(fontsize=7)
+
+
+def daemon(ax, data) -> None:
+    rows = data["results"]
+    sizes = sorted({r["live"] for r in rows})
+    delays = sorted({r["qubesd_delay_ms"] for r in rows})
+    series = {f"qubesd {d:g} ms": [
+        next(r for r in rows if r["live"] == size and
+             r["qubesd_delay_ms"] == d)["clients_16"]["per_floor_commit"]
+        for size in sizes] for d in delays}
+    _grouped(ax, sizes, series, data["goal"],
+             "1a. broker daemon as shipped, 16 clients: cycles per floor "
+             "commit")
+
+
+def broker(ax, data) -> None:
+    rows = data["results"]
+    series = {name: [r["ratios"][name] for r in rows]
+              for name in rows[0]["ratios"]}
+    _grouped(ax, [r["live"] for r in rows], series, data["goal"],
+             "1b. broker core: cycles per floor commit")
 
 
 def memory(ax, data) -> None:
@@ -71,7 +92,7 @@ def codec(ax, data) -> None:
     ax.legend(fontsize=7)
 
 
-PANELS = {"broker": broker, "setup": setup, "copy": copy, "codec": codec,
+PANELS = {"daemon": daemon, "broker": broker, "setup": setup, "copy": copy, "codec": codec,
           "memory": memory}
 
 
