@@ -92,8 +92,8 @@ def codec(ax, data) -> None:
     ax.legend(fontsize=7)
 
 
-PANELS = {"daemon": daemon, "broker": broker, "setup": setup, "copy": copy, "codec": codec,
-          "memory": memory}
+PANELS = {"daemon": daemon, "broker": broker, "setup": setup, "copy": copy,
+          "codec": codec, "memory": memory}
 
 
 def main() -> int:

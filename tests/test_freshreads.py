@@ -28,6 +28,17 @@ class Source:
         return key, number
 
 
+def ask(reads: FreshReads, times: int = 1, key: str = "gpu") -> list:
+    """``times`` callers asking for ``key`` now (as tasks)."""
+    return [asyncio.ensure_future(reads.get(key)) for _ in range(times)]
+
+
+async def turns(count: int) -> None:
+    """Let the event loop run ``count`` turns."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
 def test_a_caller_alone_pays_one_read_each_time():
     async def main():
         source = Source()
@@ -44,14 +55,12 @@ def test_late_callers_share_the_next_read_never_the_running_one():
     async def main():
         source = Source()
         reads = FreshReads(source.read)
-        first = asyncio.ensure_future(reads.get("gpu"))
-        early = asyncio.ensure_future(reads.get("gpu"))
-        await asyncio.sleep(0)  # both asked; read 1 created, not begun
-        await asyncio.sleep(0)  # read 1 is under way
+        first, early = ask(reads, 2)
+        await turns(2)  # read 1 created in the first, begun in the second
         assert source.started == 1
-        late = [asyncio.ensure_future(reads.get("gpu")) for _ in range(15)]
-        other = asyncio.ensure_future(reads.get("app"))
-        await asyncio.sleep(0)
+        late = ask(reads, 15)
+        [other] = ask(reads, key="app")
+        await turns(1)
         source.gate.set()
         return (await first, await early, await asyncio.gather(*late),
                 await other, reads.reads, reads.callers, len(reads))
@@ -69,10 +78,9 @@ def test_an_error_reaches_every_caller_that_shared_the_read():
     async def main():
         source = Source(fail_at=2)
         reads = FreshReads(source.read)
-        first = asyncio.ensure_future(reads.get("gpu"))
-        for _ in range(2):
-            await asyncio.sleep(0)
-        late = [asyncio.ensure_future(reads.get("gpu")) for _ in range(3)]
+        [first] = ask(reads)
+        await turns(2)
+        late = ask(reads, 3)
         source.gate.set()
         results = await asyncio.gather(first, *late, return_exceptions=True)
         after = await reads.get("gpu")  # the key is not stuck
@@ -89,9 +97,8 @@ def test_a_cancelled_caller_leaves_the_shared_read_to_the_others():
     async def main():
         source = Source()
         reads = FreshReads(source.read)
-        quitter = asyncio.ensure_future(reads.get("gpu"))
-        stayer = asyncio.ensure_future(reads.get("gpu"))
-        await asyncio.sleep(0)  # both asked before the read began: shared
+        quitter, stayer = ask(reads, 2)
+        await turns(1)  # both asked before the read began: shared
         quitter.cancel()
         source.gate.set()
         with pytest.raises(asyncio.CancelledError):
@@ -101,16 +108,15 @@ def test_a_cancelled_caller_leaves_the_shared_read_to_the_others():
     assert asyncio.run(main()) == (("gpu", 1), 1)
 
 
-def test_a_failed_read_nobody_waits_for_warns_of_nothing(recwarn, caplog):
+def test_a_failed_read_nobody_waits_for_warns_of_nothing(caplog):
     async def main():
         source = Source(fail_at=1)
         reads = FreshReads(source.read)
-        gone = asyncio.ensure_future(reads.get("gpu"))
-        await asyncio.sleep(0)
+        [gone] = ask(reads)
+        await turns(1)
         gone.cancel()
         source.gate.set()
-        for _ in range(5):
-            await asyncio.sleep(0)
+        await turns(5)
         assert len(reads) == 0
 
     asyncio.run(main())
@@ -124,11 +130,10 @@ def test_the_loop_ending_starts_no_new_read():
     async def main():
         source = Source()
         reads = FreshReads(source.read)
-        first = asyncio.ensure_future(reads.get("gpu"))
-        for _ in range(2):
-            await asyncio.sleep(0)
-        late = asyncio.ensure_future(reads.get("gpu"))
-        await asyncio.sleep(0)
+        [first] = ask(reads)
+        await turns(2)
+        [late] = ask(reads)
+        await turns(1)
         for task in asyncio.all_tasks():
             if task is not asyncio.current_task() and \
                     task not in (first, late):

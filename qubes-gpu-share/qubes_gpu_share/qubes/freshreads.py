@@ -6,9 +6,10 @@ need. A read that *started after* a caller asked is as fresh for it as a
 read of its own: so callers share reads, under that one rule. Per key at
 most one read runs; a caller that arrives while it runs does not join it
 (it began too early to know what changed since; one created but not begun
-yet is joined) but waits for the next one, which starts when the running one ends and serves every caller that
-arrived meanwhile. Under load a key costs one read per read's duration,
-however many callers wait; alone, a caller pays one read, as before.
+yet is joined) but waits for the next one, which starts when the running
+one ends and serves every caller that arrived meanwhile. Under load a key
+costs one read per read's duration, however many callers wait; alone, a
+caller pays one read, as before.
 
 A caller cancelled while it waits leaves the shared read running for the
 others; a read's error goes to every caller that shared it.
@@ -70,21 +71,20 @@ class FreshReads(Generic[K, V]):
     def _finished(self, key: K, future: asyncio.Future,
                   task: asyncio.Task) -> None:
         self._begun.discard(key)
-        if task.cancelled():
+        del self._running[key]
+        waiting = self._next.pop(key, None)
+        if task.cancelled():  # only the loop's end cancels a read
             future.cancel()
-        elif task.exception() is not None:
+            if waiting is not None:  # no read nobody would wait for
+                waiting.cancel()
+            return
+        if task.exception() is not None:
             future.set_exception(task.exception())
             # retrieved here too: every caller may have gone
             future.add_done_callback(_retrieve)
         else:
             future.set_result(task.result())
-        del self._running[key]
-        waiting = self._next.pop(key, None)
-        if waiting is None:
-            return
-        if task.cancelled():  # only the loop's end cancels a read
-            waiting.cancel()
-        else:
+        if waiting is not None:
             self._start(key, waiting)
 
     def __len__(self) -> int:
